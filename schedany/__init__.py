@@ -1,0 +1,54 @@
+"""schedany: any torch scheduler on any optimizer hyperparameter.
+
+The package reads as a map of the problem:
+
+- :mod:`schedany.curves` — pure ``step -> multiplier`` curves (no torch).
+- ``_targets`` / ``_binding`` — where a schedule writes, and the proxy that lets a
+  stock scheduler write there.
+- ``_synchronous`` — the coordinator that steps several schedules as one.
+- ``_builtins`` — the thirteen built-in schedules (curve + LambdaLR + bind).
+- ``_optimizer_utils`` — extend an optimizer with new keys, read them back.
+"""
+
+from ._binding import arbitrary_schedule_factory
+from ._builtins import (
+    constant_schedule,
+    constant_with_inverse_warmup,
+    constant_with_warmup,
+    cosine_annealing_with_inverse_warmup,
+    cosine_annealing_with_warmup,
+    linear_schedule_with_inverse_warmup,
+    linear_schedule_with_warmup,
+    polynomial_schedule_with_inverse_warmup,
+    polynomial_schedule_with_warmup,
+    quadratic_schedule_with_inverse_warmup,
+    quadratic_schedule_with_warmup,
+    sqrt_schedule_with_inverse_warmup,
+    sqrt_schedule_with_warmup,
+    warmup_to_constant,
+)
+from ._optimizer_utils import extend_optimizer, get_param_groups_regrouped_by_key
+from ._synchronous import SynchronousSchedule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "arbitrary_schedule_factory",
+    "SynchronousSchedule",
+    "extend_optimizer",
+    "get_param_groups_regrouped_by_key",
+    "cosine_annealing_with_warmup",
+    "cosine_annealing_with_inverse_warmup",
+    "polynomial_schedule_with_warmup",
+    "polynomial_schedule_with_inverse_warmup",
+    "linear_schedule_with_warmup",
+    "linear_schedule_with_inverse_warmup",
+    "quadratic_schedule_with_warmup",
+    "quadratic_schedule_with_inverse_warmup",
+    "sqrt_schedule_with_warmup",
+    "sqrt_schedule_with_inverse_warmup",
+    "constant_with_warmup",
+    "constant_with_inverse_warmup",
+    "constant_schedule",
+    "warmup_to_constant",
+]

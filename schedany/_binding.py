@@ -1,0 +1,235 @@
+"""Bind an unmodified torch scheduler to any optimizer hyperparameter.
+
+A scheduler only ever touches ``optimizer.param_groups[i]["lr"]`` plus its own
+bookkeeping keys (``initial_lr``, ``max_lr``, ...). We hand it a proxy optimizer
+whose groups are small views: ``"lr"`` reads and writes the target in the real
+group, every other key lives in the view's private dict. So the user's
+param_groups only ever see the scheduled value, and two schedules (or a raw
+torch scheduler on ``lr``) never see each other's bookkeeping.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterator, MutableMapping
+from typing import Any
+
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+from ._optimizer_utils import extend_optimizer
+from ._targets import Target, parse_target
+
+__all__ = ["arbitrary_schedule_factory", "BoundOptimizer", "bound_target", "real_optimizer"]
+
+
+class _GroupView(MutableMapping):
+    """One param group as a scheduler sees it: ``"lr"`` is the target."""
+
+    __slots__ = ("_owner", "_index", "_target", "bookkeeping")
+
+    def __init__(self, owner: Optimizer, index: int, target: Target) -> None:
+        self._owner = owner
+        self._index = index
+        self._target = target
+        self.bookkeeping: dict[str, Any] = {}
+
+    # The real group is looked up on every access: optimizer.load_state_dict
+    # replaces the group dicts, and the view must follow.
+    def __getitem__(self, key: str) -> Any:
+        if key == "lr":
+            return self._target.read(self._owner.param_groups[self._index])
+        return self.bookkeeping[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key == "lr":
+            self._target.write(self._owner.param_groups[self._index], value)
+        else:
+            self.bookkeeping[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        if key == "lr":
+            raise KeyError(f"cannot delete the scheduled value {self._target.name!r}")
+        del self.bookkeeping[key]
+
+    def __iter__(self) -> Iterator[str]:
+        yield "lr"
+        yield from self.bookkeeping
+
+    def __len__(self) -> int:
+        return 1 + len(self.bookkeeping)
+
+    def __repr__(self) -> str:
+        return f"_GroupView({self._target.name!r} of param_groups[{self._index}], {self.bookkeeping!r})"
+
+
+class BoundOptimizer(Optimizer):
+    """The proxy a bound scheduler holds as ``scheduler.optimizer``.
+
+    It owns no parameters: ``Optimizer.__init__`` is deliberately not called.
+    ``defaults`` is empty so OneCycleLR / CyclicLR find no momentum to cycle.
+    """
+
+    def __init__(self, optimizer: Optimizer, target: Target) -> None:
+        self.optimizer = optimizer
+        self.target = target
+        self.defaults: dict[str, Any] = {}
+        self.state: dict[Any, Any] = {}
+        self.param_groups = [  # type: ignore[assignment]
+            _GroupView(optimizer, i, target) for i in range(len(optimizer.param_groups))
+        ]
+        # torch warns "lr_scheduler.step() before optimizer.step()" unless the
+        # optimizer it holds has stepped; the real optimizer's first step tells us.
+        self._opt_called = False
+        self._step_hook = optimizer.register_step_post_hook(_first_step_marker(weakref.ref(self)))
+
+    def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
+        return self.optimizer.step(closure)
+
+    def detach(self) -> None:
+        self._step_hook.remove()
+
+    def bookkeeping_state(self) -> list[dict[str, Any]]:
+        return [dict(view.bookkeeping) for view in self.param_groups]  # type: ignore[union-attr]
+
+    def load_bookkeeping(self, state: list[dict[str, Any]]) -> None:
+        if len(state) != len(self.param_groups):
+            raise ValueError(
+                f"schedule {self.target.name!r} was saved with {len(state)} param groups, "
+                f"the optimizer has {len(self.param_groups)}"
+            )
+        for view, saved in zip(self.param_groups, state):
+            view.bookkeeping = dict(saved)  # type: ignore[union-attr]
+
+    def __repr__(self) -> str:
+        return f"BoundOptimizer({self.target.name!r} of {type(self.optimizer).__name__})"
+
+
+def _first_step_marker(proxy_ref: weakref.ref[BoundOptimizer]) -> Callable[..., None]:
+    def hook(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        proxy = proxy_ref()
+        if proxy is not None:
+            proxy._opt_called = True
+
+    return hook
+
+
+def bound_target(scheduler: LRScheduler) -> Target | None:
+    """The target of a scheduler built by the factory, or None for a raw one."""
+    proxy = scheduler.optimizer
+    return proxy.target if isinstance(proxy, BoundOptimizer) else None
+
+
+def real_optimizer(scheduler: LRScheduler) -> Optimizer:
+    proxy = scheduler.optimizer
+    return proxy.optimizer if isinstance(proxy, BoundOptimizer) else proxy
+
+
+def arbitrary_schedule_factory(
+    optimizer: Optimizer,
+    schedule_factory: Callable[[Optimizer], LRScheduler],
+    default_value: float | None = None,
+    schedule_target: str = "lr",
+) -> LRScheduler:
+    """Build a stock torch scheduler that drives ``schedule_target`` instead of ``lr``.
+
+    Args:
+        optimizer: the real optimizer.
+        schedule_factory: ``proxy -> scheduler``, e.g. ``lambda opt: StepLR(opt, 30)``.
+            It must build the scheduler on the proxy it is given.
+        default_value: if the key is missing from a group, it is added first.
+        schedule_target: a numeric param_group key or ``"key[index]"`` of a tuple key.
+
+    Returns:
+        The scheduler itself (``isinstance(s, StepLR)`` holds), bound to a proxy.
+
+    On any error the optimizer's param_groups are left as they were.
+
+    Example:
+        >>> import torch
+        >>> opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], weight_decay=0.1)
+        >>> s = arbitrary_schedule_factory(
+        ...     opt, lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5),
+        ...     schedule_target="weight_decay")
+        >>> for _ in range(4):
+        ...     opt.step(); s.step(); print(opt.param_groups[0]["weight_decay"])
+        0.1
+        0.05
+        0.05
+        0.025
+    """
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if isinstance(optimizer, BoundOptimizer):
+        raise TypeError("optimizer is a schedany proxy; pass the real optimizer (proxy.optimizer)")
+    if not callable(schedule_factory):
+        raise TypeError(f"schedule_factory must be callable (proxy -> scheduler), got {schedule_factory!r}")
+    target = parse_target(schedule_target)
+
+    snapshot = _snapshot(optimizer)
+    proxy: BoundOptimizer | None = None
+    try:
+        if default_value is not None:
+            if target.index is not None:
+                raise ValueError(
+                    f"default_value={default_value!r} cannot create the element target "
+                    f"schedule_target={target.name!r}; extend the optimizer with the whole "
+                    f"{target.key!r} value first"
+                )
+            extend_optimizer(optimizer, target.key, default_value)
+        target.validate(optimizer)
+        proxy = BoundOptimizer(optimizer, target)
+        try:
+            scheduler = schedule_factory(proxy)
+        except ValueError as error:
+            if "cycle_momentum" in str(error):
+                raise ValueError(
+                    f"schedule_target={target.name!r}: momentum cycling (cycle_momentum=True, the "
+                    "OneCycleLR/CyclicLR default) cannot run on a bound schedule; pass "
+                    "cycle_momentum=False, and schedule the momentum key with its own schedule"
+                ) from error
+            raise
+        if not isinstance(scheduler, LRScheduler):
+            raise TypeError(
+                f"schedule_factory must return a torch.optim.lr_scheduler.LRScheduler, "
+                f"got {type(scheduler).__name__}: {scheduler!r}"
+            )
+        if scheduler.optimizer is not proxy:
+            raise ValueError(
+                f"schedule_factory built its {type(scheduler).__name__} on "
+                f"{type(scheduler.optimizer).__name__}, not on the proxy it was given; "
+                "write it as `lambda opt: Scheduler(opt, ...)`"
+            )
+        return scheduler
+    except BaseException:
+        if proxy is not None:
+            proxy.detach()
+        _restore(optimizer, snapshot)
+        raise
+
+
+_Snapshot = tuple[dict[str, Any], list[dict[str, tuple[Any, Any]]]]
+
+
+def _snapshot(optimizer: Optimizer) -> _Snapshot:
+    """Defaults and each group's items; tensors also as a clone, since schedulers
+    fill_ them in place."""
+    groups = [
+        {k: (v, v.clone() if isinstance(v, Tensor) else None) for k, v in group.items()}
+        for group in optimizer.param_groups
+    ]
+    return dict(optimizer.defaults), groups
+
+
+def _restore(optimizer: Optimizer, snapshot: _Snapshot) -> None:
+    defaults, groups = snapshot
+    optimizer.defaults.clear()
+    optimizer.defaults.update(defaults)
+    for group, saved in zip(optimizer.param_groups, groups):
+        for key in [k for k in group if k not in saved]:
+            del group[key]
+        for key, (value, tensor_copy) in saved.items():
+            if tensor_copy is not None:
+                value.copy_(tensor_copy)
+            group[key] = value

@@ -1,0 +1,189 @@
+"""SynchronousSchedule: several schedules on one optimizer, stepped as one."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+
+from ._binding import BoundOptimizer, bound_target, real_optimizer
+from ._targets import Target, parse_target
+
+__all__ = ["SynchronousSchedule"]
+
+
+def _as_float(value: Any) -> float:
+    return float(value.item()) if isinstance(value, Tensor) else float(value)
+
+
+class SynchronousSchedule(LRScheduler):
+    """Steps several schedules of one optimizer together, and reads any of them back.
+
+    Each member is named by what it drives: its ``schedule_target`` (``"weight_decay"``,
+    ``"betas[0]"``) if built by :func:`arbitrary_schedule_factory`, ``"lr"`` for a raw
+    torch scheduler.
+
+    Args:
+        schedules: the member schedulers, all on the same optimizer, one per name.
+
+    Example:
+        >>> import torch, schedany
+        >>> opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0, weight_decay=1.0)
+        >>> schedule = schedany.SynchronousSchedule([
+        ...     schedany.linear_schedule_with_warmup(opt, 1.0, 0.0, 2, 4),
+        ...     schedany.constant_schedule(opt, 0.5, schedule_target="weight_decay"),
+        ... ])
+        >>> for _ in range(3):
+        ...     opt.step(); schedule.step()
+        ...     print(schedule.get_last_lr(), schedule.get_last_schedule("weight_decay"))
+        [0.5] [0.5]
+        [1.0] [0.5]
+        [0.5] [0.5]
+    """
+
+    def __init__(self, schedules: Sequence[LRScheduler]) -> None:  # noqa: D107
+        # LRScheduler.__init__ is not called: it would write initial_lr into the
+        # user's param_groups and take a step of its own.
+        if isinstance(schedules, LRScheduler) or not isinstance(schedules, Sequence):
+            raise TypeError(
+                f"SynchronousSchedule takes a list of schedulers, got {type(schedules).__name__}"
+            )
+        if not schedules:
+            raise ValueError("SynchronousSchedule needs at least one schedule, got an empty list")
+        members: dict[str, LRScheduler] = {}
+        optimizer: Optimizer | None = None
+        for i, schedule in enumerate(schedules):
+            if isinstance(schedule, SynchronousSchedule) or not isinstance(schedule, LRScheduler):
+                raise TypeError(
+                    f"schedules[{i}] must be a torch LRScheduler (not a SynchronousSchedule), "
+                    f"got {type(schedule).__name__}"
+                )
+            owner = real_optimizer(schedule)
+            if optimizer is None:
+                optimizer = owner
+            elif owner is not optimizer:
+                raise ValueError(
+                    f"schedules[{i}] ({type(schedule).__name__}) drives a different optimizer "
+                    f"than schedules[0]; a SynchronousSchedule coordinates one optimizer"
+                )
+            target = bound_target(schedule)
+            name = target.name if target is not None else "lr"
+            if name in members:
+                raise ValueError(
+                    f"two schedules drive {name!r} (schedules[{list(members).index(name)}] and "
+                    f"schedules[{i}]); give each name one schedule"
+                )
+            members[name] = schedule
+        assert optimizer is not None
+        self.optimizer = optimizer
+        self._schedules = members
+        self._targets: dict[str, Target] = {
+            name: bound_target(s) or parse_target("lr") for name, s in members.items()
+        }
+        self._plateau = [s for s in members.values() if isinstance(s, ReduceLROnPlateau)]
+        self._others = [s for s in members.values() if not isinstance(s, ReduceLROnPlateau)]
+        self.last_epoch = 0
+        self._step_count = 1
+
+    @property
+    def schedules(self) -> dict[str, LRScheduler]:
+        """The members by name (a copy; the coordinator's own mapping stays fixed)."""
+        return dict(self._schedules)
+
+    @property
+    def schedule_names(self) -> list[str]:
+        return list(self._schedules)
+
+    def step(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        """Step every member once. A metric (``step(val_loss)``) goes only to the
+        ReduceLROnPlateau members; the others always step without arguments."""
+        if self._plateau and not (args or kwargs):
+            names = [n for n, s in self._schedules.items() if isinstance(s, ReduceLROnPlateau)]
+            raise TypeError(
+                f"SynchronousSchedule.step() needs a metric for its ReduceLROnPlateau "
+                f"schedule(s) {names}: call step(metric)"
+            )
+        for schedule in self._others:
+            schedule.step()
+        for schedule in self._plateau:
+            schedule.step(*args, **kwargs)
+        self.last_epoch += 1
+        self._step_count += 1
+
+    def get_last_schedule(self, name: str) -> list[float]:
+        """The last value of schedule ``name``, one per param group."""
+        return [_as_float(v) for v in self._member(name).get_last_lr()]
+
+    def get_last_lr(self) -> list[float]:  # type: ignore[override]
+        if "lr" in self._schedules:
+            return self.get_last_schedule("lr")
+        return [_as_float(group["lr"]) for group in self.optimizer.param_groups]
+
+    def get_lr(self) -> list[float]:  # type: ignore[override]
+        return self.get_last_lr()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Each member's own state, its proxy bookkeeping, and the values it had set."""
+        return {
+            "last_epoch": self.last_epoch,
+            "schedules": {name: self._member_state(name) for name in self._schedules},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Strict: the saved names must equal this coordinator's names. Every scheduled
+        key in the optimizer is rewritten to the value it had when saved."""
+        for field in ("last_epoch", "schedules"):
+            if field not in state_dict:
+                raise KeyError(f"SynchronousSchedule state_dict has no {field!r} entry (got {sorted(state_dict)})")
+        saved = state_dict["schedules"]
+        missing = [name for name in self._schedules if name not in saved]
+        unknown = [name for name in saved if name not in self._schedules]
+        if missing or unknown:
+            raise KeyError(
+                f"SynchronousSchedule.load_state_dict: names do not match; missing from the "
+                f"state: {missing}, unknown in the state: {unknown} (this schedule has "
+                f"{self.schedule_names})"
+            )
+        groups = self.optimizer.param_groups
+        for name, member in saved.items():
+            if len(member["values"]) != len(groups):
+                raise ValueError(
+                    f"schedule {name!r} was saved with {len(member['values'])} param groups, "
+                    f"the optimizer has {len(groups)}"
+                )
+        for name, member in saved.items():
+            schedule = self._schedules[name]
+            schedule.load_state_dict(member["scheduler"])
+            if isinstance(schedule.optimizer, BoundOptimizer):
+                schedule.optimizer.load_bookkeeping(member["bookkeeping"])
+            target = self._targets[name]
+            for group, value in zip(groups, member["values"]):
+                current = target.read(group)
+                if isinstance(current, Tensor):
+                    current.fill_(value)
+                else:
+                    target.write(group, value)
+        self.last_epoch = int(state_dict["last_epoch"])
+
+    def _member(self, name: str) -> LRScheduler:
+        try:
+            return self._schedules[name]
+        except KeyError:
+            raise KeyError(f"no schedule named {name!r}; this schedule has {self.schedule_names}") from None
+
+    def _member_state(self, name: str) -> dict[str, Any]:
+        schedule = self._schedules[name]
+        target = self._targets[name]
+        proxy = schedule.optimizer
+        return {
+            "scheduler": schedule.state_dict(),
+            "bookkeeping": proxy.bookkeeping_state() if isinstance(proxy, BoundOptimizer) else None,
+            "values": [_as_float(target.read(group)) for group in self.optimizer.param_groups],
+        }
+
+    def __repr__(self) -> str:
+        members = ", ".join(f"{n}: {type(s).__name__}" for n, s in self._schedules.items())
+        return f"SynchronousSchedule({{{members}}})"
