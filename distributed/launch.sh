@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Launch one node of a multi-node schedany job with torchrun and c10d rendezvous.
+#
+# Run the same command on every node; the nodes find each other through the
+# rendezvous endpoint (any one node's host:port, reachable from all of them).
+#
+#   NNODES=2 NPROC_PER_NODE=4 RDZV_ENDPOINT=node0.example:29400 JOB_ID=gnts-1 \
+#       distributed/launch.sh examples/configs/gnts.yaml --set train.steps=2000
+#
+# Environment (defaults in brackets):
+#   NNODES          number of nodes, or a MIN:MAX range for elastic jobs [1]
+#   NPROC_PER_NODE  processes per node: a number, "gpu" or "cpu" [1]
+#   RDZV_ENDPOINT   host:port of the rendezvous store [127.0.0.1:29400]
+#   JOB_ID          rendezvous id; equal on all nodes, unique per job [schedany]
+#   MAX_RESTARTS    elastic restarts before the job fails [3]
+#   RDZV_TIMEOUT    seconds to wait for all nodes at each rendezvous [900]
+#   PYTHON          the interpreter that has schedany installed [python3]
+# Everything after the config path is passed to `schedany train`.
+set -euo pipefail
+
+if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
+    sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
+    exit 2
+fi
+config="$1"
+shift
+
+exec "${PYTHON:-python3}" -m torch.distributed.run \
+    --nnodes="${NNODES:-1}" \
+    --nproc-per-node="${NPROC_PER_NODE:-1}" \
+    --rdzv-backend=c10d \
+    --rdzv-endpoint="${RDZV_ENDPOINT:-127.0.0.1:29400}" \
+    --rdzv-id="${JOB_ID:-schedany}" \
+    --rdzv-conf="timeout=${RDZV_TIMEOUT:-900}" \
+    --max-restarts="${MAX_RESTARTS:-3}" \
+    -m schedany train "$config" "$@"
