@@ -11,7 +11,7 @@ torch scheduler on ``lr``) never see each other's bookkeeping.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor
@@ -24,44 +24,49 @@ from ._targets import Target, parse_target
 __all__ = ["arbitrary_schedule_factory", "BoundOptimizer", "bound_target", "real_optimizer"]
 
 
-class _GroupView(MutableMapping):
-    """One param group as a scheduler sees it: ``"lr"`` is the target."""
+class _GroupView(dict):
+    """One param group as a scheduler sees it: ``"lr"`` is the target.
 
-    __slots__ = ("_owner", "_index", "_target", "bookkeeping")
+    The dict holds the scheduler's bookkeeping and a copy of the target's value
+    under ``"lr"``. Reads are plain dict reads (torch makes three per group per
+    step); the copy is refreshed from the real group every time the scheduler
+    fetches ``proxy.param_groups``, and writes go through to the real group.
+    The real group is looked up by index each time: ``optimizer.load_state_dict``
+    replaces the group dicts, and the view must follow.
+    """
+
+    __slots__ = ("_owner", "_index", "_key")
 
     def __init__(self, owner: Optimizer, index: int, target: Target) -> None:
+        super().__init__()
         self._owner = owner
         self._index = index
-        self._target = target
-        self.bookkeeping: dict[str, Any] = {}
+        self._key = target.key
 
-    # The real group is looked up on every access: optimizer.load_state_dict
-    # replaces the group dicts, and the view must follow.
-    def __getitem__(self, key: str) -> Any:
+    def __setitem__(self, key: str, value: Any) -> None:
         if key == "lr":
-            return self._target.read(self._owner.param_groups[self._index])
-        return self.bookkeeping[key]
+            self._owner.param_groups[self._index][self._key] = value
+        dict.__setitem__(self, key, value)
+
+    def __delitem__(self, key: str) -> None:
+        if key == "lr":
+            raise KeyError(f"cannot delete the scheduled value {self._key!r}")
+        dict.__delitem__(self, key)
+
+
+class _ElementView(_GroupView):
+    """A view whose ``"lr"`` is one element of a tuple/list key (``"betas[0]"``)."""
+
+    __slots__ = ("_target",)
+
+    def __init__(self, owner: Optimizer, index: int, target: Target) -> None:
+        super().__init__(owner, index, target)
+        self._target = target
 
     def __setitem__(self, key: str, value: Any) -> None:
         if key == "lr":
             self._target.write(self._owner.param_groups[self._index], value)
-        else:
-            self.bookkeeping[key] = value
-
-    def __delitem__(self, key: str) -> None:
-        if key == "lr":
-            raise KeyError(f"cannot delete the scheduled value {self._target.name!r}")
-        del self.bookkeeping[key]
-
-    def __iter__(self) -> Iterator[str]:
-        yield "lr"
-        yield from self.bookkeeping
-
-    def __len__(self) -> int:
-        return 1 + len(self.bookkeeping)
-
-    def __repr__(self) -> str:
-        return f"_GroupView({self._target.name!r} of param_groups[{self._index}], {self.bookkeeping!r})"
+        dict.__setitem__(self, key, value)
 
 
 class BoundOptimizer(Optimizer):
@@ -76,41 +81,93 @@ class BoundOptimizer(Optimizer):
         self.target = target
         self.defaults: dict[str, Any] = {}
         self.state: dict[Any, Any] = {}
-        self.param_groups = [  # type: ignore[assignment]
-            _GroupView(optimizer, i, target) for i in range(len(optimizer.param_groups))
-        ]
+        view = _GroupView if target.index is None else _ElementView
+        self._views = [view(optimizer, i, target) for i in range(len(optimizer.param_groups))]
+        # The views' copies of the target are refreshed lazily, on the first
+        # param_groups access after anything that may have changed the real value
+        # from outside this schedule: an optimizer step (other schedules step
+        # after it), optimizer.load_state_dict, or loading schedule state. One
+        # pass per step instead of one per access keeps the proxy cheap.
+        self._stale = True
         # torch warns "lr_scheduler.step() before optimizer.step()" unless the
-        # optimizer it holds has stepped; the real optimizer's first step tells us.
+        # optimizer it holds has stepped; the real optimizer's steps tell us.
         self._opt_called = False
-        self._step_hook = optimizer.register_step_post_hook(_first_step_marker(weakref.ref(self)))
+        this = weakref.ref(self)
+        self._hooks = [
+            optimizer.register_step_post_hook(_after_step(this)),
+            optimizer.register_load_state_dict_post_hook(_after_load(this)),
+        ]
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        """The views, their ``"lr"`` refreshed from the real groups if stale."""
+        views = self._views
+        if not self._stale:
+            return views  # type: ignore[return-value]
+        groups, target = self.optimizer.param_groups, self.target
+        if len(groups) != len(views):
+            raise RuntimeError(
+                f"the optimizer had {len(views)} param groups when {target.name!r} was bound "
+                f"and has {len(groups)} now; rebuild the schedule after add_param_group()"
+            )
+        set_item = dict.__setitem__
+        if target.index is None:
+            key = target.key
+            for view, group in zip(views, groups):
+                set_item(view, "lr", group[key])
+        else:
+            key, index = target.key, target.index
+            for view, group in zip(views, groups):
+                set_item(view, "lr", group[key][index])
+        self._stale = False
+        return views  # type: ignore[return-value]
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
         return self.optimizer.step(closure)
 
+    def mark_stale(self) -> None:
+        """The real values may have changed: re-read them on the next access."""
+        self._stale = True
+
     def detach(self) -> None:
-        self._step_hook.remove()
+        for hook in self._hooks:
+            hook.remove()
 
     def bookkeeping_state(self) -> list[dict[str, Any]]:
-        return [dict(view.bookkeeping) for view in self.param_groups]  # type: ignore[union-attr]
+        return [{k: v for k, v in view.items() if k != "lr"} for view in self._views]
 
     def load_bookkeeping(self, state: list[dict[str, Any]]) -> None:
-        if len(state) != len(self.param_groups):
+        if len(state) != len(self._views):
             raise ValueError(
                 f"schedule {self.target.name!r} was saved with {len(state)} param groups, "
-                f"the optimizer has {len(self.param_groups)}"
+                f"the optimizer has {len(self._views)}"
             )
-        for view, saved in zip(self.param_groups, state):
-            view.bookkeeping = dict(saved)  # type: ignore[union-attr]
+        for view, saved in zip(self._views, state):
+            lr = view.get("lr")
+            dict.clear(view)
+            dict.update(view, saved)
+            dict.__setitem__(view, "lr", lr)
+        self._stale = True
 
     def __repr__(self) -> str:
         return f"BoundOptimizer({self.target.name!r} of {type(self.optimizer).__name__})"
 
 
-def _first_step_marker(proxy_ref: weakref.ref[BoundOptimizer]) -> Callable[..., None]:
+def _after_step(proxy_ref: weakref.ref[BoundOptimizer]) -> Callable[..., None]:
     def hook(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         proxy = proxy_ref()
         if proxy is not None:
             proxy._opt_called = True
+            proxy._stale = True
+
+    return hook
+
+
+def _after_load(proxy_ref: weakref.ref[BoundOptimizer]) -> Callable[..., None]:
+    def hook(optimizer: Optimizer) -> None:
+        proxy = proxy_ref()
+        if proxy is not None:
+            proxy._stale = True
 
     return hook
 

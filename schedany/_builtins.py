@@ -39,8 +39,24 @@ def bind_curve(
 ) -> LambdaLR:
     """A ``LambdaLR`` running ``curve`` on ``schedule_target``."""
     return arbitrary_schedule_factory(  # type: ignore[return-value]
-        optimizer, lambda proxy: LambdaLR(proxy, curve), default_value, schedule_target
+        optimizer, lambda proxy: LambdaLR(proxy, _once_per_step(curve)), default_value, schedule_target
     )
+
+
+def _once_per_step(curve: Curve) -> Curve:
+    """LambdaLR calls its lambda once per param group with the same ``t``; a pure
+    curve need only be evaluated once per step."""
+    last_t: int | None = None
+    last_value = 0.0
+
+    def cached(t: int) -> float:
+        nonlocal last_t, last_value
+        if t != last_t:
+            last_value = curve(t)
+            last_t = t
+        return last_value
+
+    return cached
 
 
 def _warmup_anneal(

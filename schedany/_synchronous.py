@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -9,7 +10,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
-from ._binding import BoundOptimizer, bound_target, real_optimizer
+from ._binding import BoundOptimizer, _restore, _snapshot, bound_target, real_optimizer
 from ._targets import Target, parse_target
 
 __all__ = ["SynchronousSchedule"]
@@ -154,11 +155,28 @@ class SynchronousSchedule(LRScheduler):
                     f"schedule {name!r} was saved with {len(member['values'])} param groups, "
                     f"the optimizer has {len(groups)}"
                 )
+        # A member can still fail half-way (a corrupt entry, a scheduler class that
+        # changed since saving): undo the members already loaded, so nothing is lost.
+        optimizer_before = _snapshot(self.optimizer)
+        members_before = copy.deepcopy({name: self._member_state(name) for name in saved})
+        try:
+            last_epoch = int(state_dict["last_epoch"])
+            self._load_members(saved)
+        except BaseException:
+            self._load_members(members_before, write_values=False)
+            _restore(self.optimizer, optimizer_before)
+            raise
+        self.last_epoch = last_epoch
+
+    def _load_members(self, saved: dict[str, Any], write_values: bool = True) -> None:
+        groups = self.optimizer.param_groups
         for name, member in saved.items():
             schedule = self._schedules[name]
             schedule.load_state_dict(member["scheduler"])
             if isinstance(schedule.optimizer, BoundOptimizer):
                 schedule.optimizer.load_bookkeeping(member["bookkeeping"])
+            if not write_values:
+                continue
             target = self._targets[name]
             for group, value in zip(groups, member["values"]):
                 current = target.read(group)
@@ -166,7 +184,6 @@ class SynchronousSchedule(LRScheduler):
                     current.fill_(value)
                 else:
                     target.write(group, value)
-        self.last_epoch = int(state_dict["last_epoch"])
 
     def _member(self, name: str) -> LRScheduler:
         try:
