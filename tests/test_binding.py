@@ -176,3 +176,46 @@ def test_tensor_lr_is_filled_in_place():
     schedule.step()
     assert optimizer.param_groups[0]["lr"] is lr
     assert lr.item() == pytest.approx(0.5 * 1 / 4)
+
+
+def test_two_chainable_schedules_on_one_key_compose_like_on_lr():
+    """Two separately bound schedules on one key see each other's writes, as two torch
+    schedulers on lr do (each re-reads the target after every optimizer step)."""
+    def run(target: str) -> list[float]:
+        optimizer = SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.8, momentum=0.8)
+        factories = [lambda o: lrs.StepLR(o, 3, 0.5), lambda o: lrs.ExponentialLR(o, 0.9)]
+        if target == "lr":
+            schedules = [f(optimizer) for f in factories]
+        else:
+            schedules = [schedany.arbitrary_schedule_factory(optimizer, f, schedule_target=target) for f in factories]
+        values = []
+        for _ in range(12):
+            optimizer.step()
+            for schedule in schedules:
+                schedule.step()
+            values.append(optimizer.param_groups[0][target])
+        return values
+
+    assert run("momentum") == run("lr")
+
+
+def test_bound_schedule_follows_optimizer_load_state_dict():
+    """After optimizer.load_state_dict replaces the groups, a chainable bound schedule
+    continues from the loaded value, exactly like a torch scheduler on lr."""
+    def run(target: str) -> list[float]:
+        optimizer = SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.8, momentum=0.8)
+        factory = lambda o: lrs.ExponentialLR(o, 0.5)  # noqa: E731
+        schedule = factory(optimizer) if target == "lr" else schedany.arbitrary_schedule_factory(
+            optimizer, factory, schedule_target=target
+        )
+        state = optimizer.state_dict()
+        state["param_groups"][0][target] = 0.25
+        optimizer.load_state_dict(state)
+        values = []
+        for _ in range(3):
+            optimizer.step()
+            schedule.step()
+            values.append(optimizer.param_groups[0][target])
+        return values
+
+    assert run("momentum") == run("lr") == [0.125, 0.0625, 0.03125]
