@@ -8,6 +8,8 @@ The package reads as a map of the problem:
 - ``_synchronous`` — the coordinator that steps several schedules as one.
 - ``_builtins`` — the thirteen built-in schedules (curve + LambdaLR + bind).
 - ``_optimizer_utils`` — extend an optimizer with new keys, read them back.
+- :mod:`schedany.control` — reactive control loops that respond to scheduled values
+  (logical batch size, gradient norm threshold), exact under DDP and FSDP2.
 """
 
 from ._binding import arbitrary_schedule_factory
@@ -29,6 +31,7 @@ from ._builtins import (
 )
 from ._optimizer_utils import extend_optimizer, get_param_groups_regrouped_by_key
 from ._synchronous import SynchronousSchedule
+from .control import GradientNormThreshold, LogicalBatchSize
 
 __version__ = "0.1.0"
 
@@ -51,4 +54,6 @@ __all__ = [
     "constant_with_inverse_warmup",
     "constant_schedule",
     "warmup_to_constant",
+    "LogicalBatchSize",
+    "GradientNormThreshold",
 ]

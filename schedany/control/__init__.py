@@ -1,0 +1,19 @@
+"""Reactive control loops: training decisions driven by scheduled optimizer keys.
+
+Both controllers share one protocol (see ``docs/control_loops.md``)::
+
+    with ctl.accumulate(num_items=None):   # forward AND backward of one micro-batch
+        loss = compute_loss(model, batch)
+        loss.backward()
+    if ctl.ready:                          # identical on every rank
+        optimizer.step(); optimizer.zero_grad(); schedule.step()
+
+- :class:`LogicalBatchSize` — accumulate to a scheduled logical batch size.
+- :class:`GradientNormThreshold` — accumulate until the mean gradient's norm is under a
+  scheduled threshold (GNTS).
+"""
+
+from .gradient_norm import GradientNormThreshold
+from .logical_batch import LogicalBatchSize
+
+__all__ = ["GradientNormThreshold", "LogicalBatchSize"]

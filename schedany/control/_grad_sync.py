@@ -1,0 +1,90 @@
+"""The one place that knows how each wrapper turns gradient synchronization off.
+
+Gradient accumulation saves communication by reducing gradients only on the micro-step
+that closes a logical batch. Every wrapper spells "not this time" differently, and DDP
+reads its flag in ``forward()`` while FSDP reads it in the post-backward hooks, so the
+switch must cover the forward *and* the backward of the micro-step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+from torch import nn
+
+__all__ = ["GradientSync", "ModelKind", "model_kind"]
+
+ModelKind = Literal["plain", "ddp", "fsdp1", "fsdp2"]
+
+
+def _fsdp2_modules(model: nn.Module) -> list[nn.Module]:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6 has no public FSDP2
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def model_kind(model: nn.Module) -> ModelKind:
+    """How ``model`` synchronizes gradients: not at all, DDP, FSDP1 or FSDP2.
+
+    FSDP2 is recognized when any submodule was ``fully_shard``-ed, so a root that was
+    left unsharded still counts.
+    """
+    if not torch.distributed.is_available():
+        return "plain"
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        return "ddp"
+    if isinstance(model, FullyShardedDataParallel):
+        return "fsdp1"
+    if _fsdp2_modules(model):
+        return "fsdp2"
+    return "plain"
+
+
+class GradientSync:
+    """Turns ``model``'s gradient synchronization off for one micro-step at a time.
+
+    Built once per model (finding FSDP2 submodules walks the whole module tree).
+
+    >>> sync = GradientSync(torch.nn.Linear(2, 1))
+    >>> sync.kind
+    'plain'
+    >>> with sync(enabled=False):
+    ...     pass  # forward and backward of a micro-step that must not reduce gradients
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.kind: ModelKind = model_kind(model)
+        self._fsdp2 = _fsdp2_modules(model) if self.kind == "fsdp2" else []
+
+    @contextlib.contextmanager
+    def __call__(self, enabled: bool) -> Iterator[None]:
+        """Run the enclosed forward and backward with gradient sync on or off.
+
+        ``enabled=True`` leaves the wrapper as it is (sync is every wrapper's default);
+        ``enabled=False`` uses DDP's and FSDP1's ``no_sync()`` and FSDP2's
+        ``set_requires_gradient_sync(False)``, switched back on when the block exits.
+        A plain module has nothing to switch.
+        """
+        if enabled or self.kind == "plain":
+            yield
+        elif self.kind in ("ddp", "fsdp1"):
+            # DDP's no_sync() clears require_backward_grad_sync, which forward() reads.
+            with self.model.no_sync():  # type: ignore[operator]
+                yield
+        else:
+            for module in self._fsdp2:
+                module.set_requires_gradient_sync(False, recurse=False)  # type: ignore[operator]
+            try:
+                yield
+            finally:
+                for module in self._fsdp2:
+                    module.set_requires_gradient_sync(True, recurse=False)  # type: ignore[operator]

@@ -1,0 +1,120 @@
+"""Gradient arithmetic on plain tensors and on FSDP2's sharded DTensor gradients.
+
+Everything works on each rank's *local* gradient storage (``DTensor.to_local()`` is the
+shard itself, not a copy), so scaling and norms cost no communication; the one
+collective a decision needs is made by the controller from the numbers returned here.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["local_grads", "squared_norms", "all_finite", "divide_"]
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch < 2.5, or a build without torch.distributed
+    try:
+        from torch.distributed._tensor import DTensor  # type: ignore[no-redef]
+    except ImportError:
+        DTensor = None  # type: ignore[assignment,misc]
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local_grads(model: nn.Module) -> list[Tensor]:
+    """This rank's gradient storage for every parameter that has a gradient."""
+    with torch.no_grad():
+        return [
+            p.grad.to_local() if _is_dtensor(p.grad) else p.grad
+            for p in model.parameters()
+            if p.grad is not None
+        ]
+
+
+def _norms(tensors: list[Tensor], ord: float = 2.0, device: torch.device | None = None) -> Tensor:
+    """Per-tensor norms as one float64 vector on ``device`` (default: the first tensor's),
+    computed with ``_foreach_norm`` per device and dtype."""
+    device = device or (tensors[0].device if tensors else torch.device("cpu"))
+    if not tensors:
+        return torch.zeros(0, dtype=torch.float64, device=device)
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        groups[(t.device, t.dtype)].append(i)
+    out = torch.empty(len(tensors), dtype=torch.float64, device=device)
+    for indices in groups.values():
+        norms = torch._foreach_norm([tensors[i] for i in indices], ord)
+        out[indices] = torch.stack(norms).to(device=device, dtype=torch.float64)
+    return out
+
+
+def _replicas(grad: Tensor) -> int:
+    """How many ranks of the DTensor's mesh hold each element (the Replicate dims)."""
+    mesh = grad.device_mesh  # type: ignore[attr-defined]
+    count = 1
+    for dim, placement in enumerate(grad.placements):  # type: ignore[attr-defined]
+        if placement.is_replicate():
+            count *= mesh.size(dim)
+    return count
+
+
+def squared_norms(model: nn.Module, plain_grads_sharded: bool) -> tuple[Tensor, Tensor]:
+    """This rank's share of ``‖grad‖²``, split into ``(sharded, replicated)`` parts.
+
+    The global squared norm is the sharded part summed over ranks plus the replicated
+    part of any one rank. DTensor shards are sharded (an element held by r replicas
+    counts 1/r per holder); plain tensors are sharded only for FSDP1's flat shards.
+    Both are 0-d float64 tensors; a NaN or inf gradient makes them non-finite.
+    """
+    sharded: list[Tensor] = []
+    weights: list[float] = []
+    replicated: list[Tensor] = []
+    with torch.no_grad():
+        for p in model.parameters():
+            g = p.grad
+            if g is None:
+                continue
+            if _is_dtensor(g):
+                sharded.append(g.to_local())
+                weights.append(1.0 / _replicas(g))
+            elif plain_grads_sharded:
+                sharded.append(g)
+                weights.append(1.0)
+            else:
+                replicated.append(g)
+        first = sharded[0] if sharded else replicated[0] if replicated else None
+        device = torch.device("cpu") if first is None else first.device  # both parts here
+        w = torch.tensor(weights, dtype=torch.float64, device=device)
+        return (
+            (_norms(sharded, device=device).square() * w).sum(),
+            _norms(replicated, device=device).square().sum(),
+        )
+
+
+def all_finite(grads: list[Tensor]) -> bool:
+    """Whether every local gradient element is finite (one pass, one host sync).
+
+    A finite 2-norm proves it; only a non-finite one (NaN, inf, or an overflow of huge
+    but finite values) pays for the exact elementwise check.
+    """
+    if not grads or bool(_norms(grads).isfinite().all()):
+        return True
+    with torch.no_grad():
+        return all(bool(torch.isfinite(g).all()) for g in grads)
+
+
+def divide_(grads: list[Tensor], divisor: float) -> None:
+    """Divide every local gradient in place by ``divisor`` (the paper's ``grad /= k``)."""
+    if divisor == 1.0 or not grads:
+        return
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
+    for g in grads:
+        groups[(g.device, g.dtype)].append(g)
+    with torch.no_grad():
+        for tensors in groups.values():
+            torch._foreach_div_(tensors, divisor)

@@ -1,0 +1,135 @@
+"""Gradient norm threshold scheduling, GNTS (paper, section 5.3)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from ._grads import squared_norms
+from ._protocol import AccumulationController, read_scheduled_value
+
+__all__ = ["GradientNormThreshold"]
+
+
+class GradientNormThreshold(AccumulationController):
+    r"""Accumulate micro-batches until the mean gradient is short enough, then step.
+
+    After micro-step :math:`k` the accumulated gradient :math:`S_k` (summed over
+    micro-steps, averaged over ranks by DDP/FSDP) is turned into the mean gradient
+    and compared with the threshold :math:`\tau` (the max over param groups of
+    ``key``, read when the logical batch starts):
+
+    .. math::
+        \|\bar g_k\|_2 = \begin{cases}
+            \|S_k\|_2 \, W / N_k & \text{with num\_items (loss is a sum, } N_k
+                \text{ items over all ranks)}\\
+            \|S_k\|_2 / k & \text{without (loss is a micro-batch mean)}
+        \end{cases}
+        \qquad \text{ready} \iff \|\bar g_k\|_2 \le \tau
+        \ \text{or}\ k = \texttt{max\_accumulation\_steps}
+
+    When ready, ``.grad`` holds :math:`\bar g_k`. The norm is global, over all ranks
+    and shards (each rank's share of :math:`\|S_k\|^2` rides in the one all-gather of
+    the micro-step). Gradients are synchronized every micro-step, since any micro-step
+    may close the batch. A NaN or inf norm drops the logical batch on every rank.
+
+    Args:
+        model: a plain module, ``DistributedDataParallel``, or a ``fully_shard`` (FSDP2)
+            module; FSDP1 (FULL_SHARD, SHARD_GRAD_OP, NO_SHARD) works too.
+        optimizer: the optimizer whose param groups hold ``key``.
+        key: the scheduled param-group key holding the threshold.
+        max_accumulation_steps: step anyway after this many micro-steps (``None``: never).
+        process_group: the data-parallel group; defaults to DDP's/FSDP1's own group,
+            else the default group. Must be ``None`` for a plain module.
+
+    Example::
+
+        >>> import torch
+        >>> model = torch.nn.Linear(1, 1, bias=False)
+        >>> torch.nn.init.ones_(model.weight)
+        Parameter containing:
+        tensor([[1.]], requires_grad=True)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> opt.param_groups[0]["gradient_norm_threshold"] = 0.5
+        >>> ctl = GradientNormThreshold(model, opt, max_accumulation_steps=4)
+        >>> for x in [1.0, -1.0, 1.0, 0.0]:
+        ...     with ctl.accumulate():
+        ...         model(torch.tensor([[x]])).sum().backward()
+        ...     print(ctl.ready, ctl.metrics()["grad_norm"])
+        ...     if ctl.ready:
+        ...         opt.step(); opt.zero_grad()
+        False 1.0
+        True 0.0
+        False 1.0
+        True 0.5
+    """
+
+    _TAG = 2
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Optimizer,
+        key: str = "gradient_norm_threshold",
+        max_accumulation_steps: int | None = None,
+        process_group: Any | None = None,
+    ) -> None:
+        if max_accumulation_steps is not None and (
+            isinstance(max_accumulation_steps, bool) or not isinstance(max_accumulation_steps, int)
+        ):
+            raise TypeError(
+                "GradientNormThreshold: max_accumulation_steps must be an int or None, "
+                f"got {max_accumulation_steps!r}"
+            )
+        if max_accumulation_steps is not None and max_accumulation_steps < 1:
+            raise ValueError(
+                "GradientNormThreshold: max_accumulation_steps must be >= 1, "
+                f"got {max_accumulation_steps}"
+            )
+        super().__init__(model, optimizer, key, process_group)
+        self.max_accumulation_steps = max_accumulation_steps
+        self._threshold = math.nan
+        self._grad_norm = math.nan
+
+    def metrics(self) -> dict[str, float]:
+        """``grad_norm`` (of the mean gradient), ``threshold``, ``micro_steps``,
+        ``items`` (global; micro-steps without num_items), ``optimizer_steps``,
+        ``dropped_batches``."""
+        return {"grad_norm": self._grad_norm, "threshold": self._threshold, **super().metrics()}
+
+    def _begin_logical_batch(self) -> None:
+        self._threshold = read_scheduled_value(self.optimizer, self.key, "GradientNormThreshold")
+
+    def _before_micro_step(self, items: int | None) -> bool:
+        return True  # any micro-step may close the logical batch
+
+    def _after_micro_step(self, items: int | None) -> None:
+        self._micro_steps += 1
+        sharded, replicated = squared_norms(self.model, self._plain_grads_sharded)
+        if self._distributed:
+            total, rows = self._exchange(items or 0, torch.stack([sharded, replicated]))
+            # Same numbers summed in the same order: every rank gets the same bits.
+            sum_of_squares = math.fsum(rows[:, 0].tolist()) + float(rows[0, 1])
+        else:
+            total, sum_of_squares = items or 0, float(sharded) + float(replicated)
+        per_item = self._mode == "num_items"
+        self._items = self._items + total if per_item else self._micro_steps
+        # DDP/FSDP averaged S_k over ranks; N/W turns that average into the item mean.
+        divisor = self._items / self.world_size if per_item else float(self._micro_steps)
+        limit = self.max_accumulation_steps
+        at_limit = limit is not None and self._micro_steps >= limit
+        if not math.isfinite(sum_of_squares):
+            self._grad_norm = math.sqrt(sum_of_squares)  # inf or nan, for the metrics
+            self._close(divisor, finite=False)
+        elif self._items == 0:  # num_items all zero so far: no mean to judge
+            self._grad_norm = math.nan
+            if at_limit:
+                self._close(divisor, finite=False)
+        else:
+            self._grad_norm = math.sqrt(sum_of_squares) / divisor
+            if self._grad_norm <= self._threshold or at_limit:
+                self._close(divisor, finite=True)
