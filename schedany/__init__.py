@@ -10,6 +10,9 @@ The package reads as a map of the problem:
 - ``_optimizer_utils`` — extend an optimizer with new keys, read them back.
 - :mod:`schedany.control` — reactive control loops that respond to scheduled values
   (logical batch size, gradient norm threshold), exact under DDP and FSDP2.
+- :mod:`schedany.config` — the YAML schedule/run config (``build_schedule``).
+- :mod:`schedany.job` — the reference training job behind ``schedany train``.
+- :mod:`schedany.integrations` — TensorBoard and Ray Tune (imported lazily).
 """
 
 from ._binding import arbitrary_schedule_factory
@@ -31,6 +34,7 @@ from ._builtins import (
 )
 from ._optimizer_utils import extend_optimizer, get_param_groups_regrouped_by_key
 from ._synchronous import SynchronousSchedule
+from .config import ConfigError, build_schedule, load_config, register_curve
 from .control import GradientNormThreshold, LogicalBatchSize
 
 __version__ = "0.1.0"
@@ -56,4 +60,8 @@ __all__ = [
     "warmup_to_constant",
     "LogicalBatchSize",
     "GradientNormThreshold",
+    "build_schedule",
+    "load_config",
+    "register_curve",
+    "ConfigError",
 ]

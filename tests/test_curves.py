@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import schedany
+import schedany._builtins
 from schedany.curves import constant_curve, warmup_anneal_curve
 
 L, M = 10, 110
@@ -120,11 +121,7 @@ CASES: dict[str, Case] = {
     "constant_schedule": Case(dict(value=0.35), dict(value=0.35), (0.35,) * len(TS)),
 }
 
-BUILTIN_NAMES = [
-    name for name in schedany.__all__
-    if name not in {"arbitrary_schedule_factory", "SynchronousSchedule",
-                    "extend_optimizer", "get_param_groups_regrouped_by_key"}
-]
+BUILTIN_NAMES = list(schedany._builtins.__all__)
 
 
 def _pure_curve(name: str) -> Callable[[int], float]:

@@ -1,0 +1,184 @@
+"""``schedany`` command line: train, preview, tune, validate.
+
+A thin layer over the library: every command loads its config with
+:func:`schedany.config.load_config` and hands it to a library function. Exit codes:
+0 success, 2 a bad config or bad arguments (one line naming the path, no traceback),
+1 a failed run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["build_parser", "main"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="schedany",
+        description="Schedule any optimizer hyperparameter; train, preview, tune and "
+        "validate schedule configs.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def overrides(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--set", dest="overrides", action="append", default=[],
+                       metavar="KEY=VALUE",
+                       help="override one config field, e.g. --set train.steps=100 "
+                            "(VALUE is parsed as YAML); repeatable")
+
+    p = sub.add_parser("train", help="run the reference training job (distributed under torchrun)")
+    p.add_argument("config", metavar="CONFIG", help="train config (YAML)")
+    overrides(p)
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("preview", help="compute every scheduled value without training")
+    p.add_argument("config", metavar="CONFIG", help="train config (YAML)")
+    p.add_argument("-o", "--output", metavar="FILE.png", help="plot to this file")
+    p.add_argument("--steps", type=_positive_int, metavar="N",
+                   help="optimizer steps to preview (default: train.steps)")
+    p.add_argument("--tensorboard", metavar="DIR", help="also write the curves to TensorBoard")
+    overrides(p)
+    p.set_defaults(func=_preview)
+
+    p = sub.add_parser("tune", help="Ray Tune sweep over schedule hyperparameters")
+    p.add_argument("sweep", metavar="SWEEP", help="sweep file (YAML: base, search, tune)")
+    p.add_argument("--address", metavar="ADDR", help="Ray cluster address (default: local)")
+    p.add_argument("--num-samples", type=_positive_int, metavar="N",
+                   help="trials to run (overrides tune.num_samples)")
+    p.set_defaults(func=_tune)
+
+    p = sub.add_parser("validate", help="check a config and print the resolved schedule")
+    p.add_argument("config", metavar="CONFIG", help="train config (YAML)")
+    p.add_argument("--yaml", action="store_true", help="also print the whole resolved config")
+    overrides(p)
+    p.set_defaults(func=_validate)
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    config = load_config(args.config, args.overrides)
+    from .job.checkpoint import CheckpointError
+    from .job.trainer import train
+
+    try:
+        result = train(config)
+    except CheckpointError as exc:
+        _error("train", str(exc))
+        return EXIT_FAILED
+    if result.eval_loss is not None and _is_rank0():
+        print(f"done: {result.step} steps, eval/loss {result.eval_loss:.4f}", flush=True)
+    return EXIT_OK
+
+
+def _preview(args: argparse.Namespace) -> int:
+    from .preview import preview_command
+
+    return preview_command(args.config, args.output, args.steps, args.tensorboard, args.overrides)
+
+
+def _tune(args: argparse.Namespace) -> int:
+    try:
+        from .integrations.ray_tune import tune_command
+    except ImportError as exc:
+        _error("tune", f"the Ray Tune adapter cannot load ({exc}); pip install 'schedany[tune]'")
+        return EXIT_FAILED
+    return tune_command(args.sweep, args.address, args.num_samples)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .config import config_to_dict, load_config
+    from .job.build import trace_schedule
+
+    config = load_config(args.config, args.overrides)
+    steps = config.train.steps
+    labels, values = trace_schedule(config)
+    marks = sorted({1, max(1, steps // 4), max(1, steps // 2), max(1, 3 * steps // 4), steps})
+    print(f"{args.config}: valid")
+    opt = config.optimizer
+    groups = ", ".join(labels)
+    print(f"optimizer  {opt.name}({_kwargs(opt.kwargs)}); param groups: {groups}")
+    if config.extend:
+        print(f"extend     {_kwargs(config.extend)}")
+    control = config.control
+    if control.kind == "none":
+        print("control    none (one micro-batch per rank per optimizer step)")
+    else:
+        limit = (f", at most {control.max_accumulation_steps} micro-steps"
+                 if control.max_accumulation_steps else "")
+        print(f"control    {control.kind} on {config.control_key()!r} ({control.items}{limit})")
+    t = config.train
+    print(f"train      {steps} optimizer steps, micro-batch {t.micro_batch_size}, strategy "
+          f"{config.distributed.strategy}, checkpoints "
+          f"{t.checkpoint_dir if t.checkpoint_dir else 'off'}, logs {t.log_dir or 'off'}")
+    print("schedules")
+    for name, spec in config.schedules.items():
+        print(f"  {name}: {spec.kind} {spec.name}({_kwargs(spec.args)})")
+    header = ["key", "group"] + [f"step {m}" for m in marks]
+    rows = [
+        [name, label] + [_short(values[name][m - 1][g]) for m in marks]
+        for name in values for g, label in enumerate(labels)
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    print("  value used by each optimizer step:")
+    for row in [header, *rows]:
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    if args.yaml:
+        print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
+    return EXIT_OK
+
+
+def _kwargs(kwargs: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={list(v) if isinstance(v, tuple) else v}" for k, v in kwargs.items())
+
+
+def _short(value: float) -> str:
+    return f"{value:.6g}"
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _error(command: str, message: str) -> None:
+    print(f"schedany {command}: error: {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (the console script exits with it)."""
+    args = build_parser().parse_args(argv)
+    from .config import ConfigError
+
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        _error(args.command, str(exc))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _error(args.command, "interrupted")
+        return 130
+    except Exception:
+        traceback.print_exc()
+        _error(args.command, "failed (traceback above)")
+        return EXIT_FAILED

@@ -1,0 +1,320 @@
+"""The sweep file (SPEC section 6): ``base`` + ``set`` + ``search`` + ``tune``, checked
+in full before Ray starts. Does not import ray.
+
+.. code-block:: yaml
+
+    base: ../configs/baseline.yaml          # a train config, relative to this file
+    set: {train.steps: 60}                  # fixed overrides for every trial (optional)
+    search:                                 # dotted config path -> distribution
+      schedules.lr.num_warmup_steps: {grid: [0, 10, 20, 40]}
+    tune:
+      metric: eval/loss
+      mode: min
+      scheduler: none                       # none | asha | pbt
+
+Every mistake is a :class:`~schedany.config.ConfigError` naming the dotted path in the
+sweep file (``search.schedules.lr.num_warmup_stepz: ...``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..config import ConfigError, TrainConfig, parse_config, read_yaml, validate_config
+from ..config._convert import as_mapping, from_mapping
+from ..config._errors import unknown_key
+from ._tune_space import Distribution, parse_search
+
+__all__ = [
+    "AshaSection",
+    "PbtSection",
+    "ResourcesSection",
+    "Sweep",
+    "TuneSection",
+    "load_sweep",
+    "resolve_trial_config",
+    "set_path",
+]
+
+REPORTED_METRICS = ("eval/loss", "train/loss")
+# PBT restores a donor's model and optimizer state into the explored config, so only
+# what the optimizer and schedules read may change; a new model shape or data stream
+# would not fit the donor's checkpoint.
+PBT_MUTABLE_BLOCKS = ("optimizer", "extend", "schedules", "control")
+
+
+@dataclass
+class AshaSection:
+    """``tune.asha:`` — asynchronous successive halving, on optimizer steps."""
+
+    max_t: int | None = field(default=None, metadata={"min": 1})
+    """Longest a trial runs, in optimizer steps; ``null``: ``train.steps``."""
+    grace_period: int | None = field(default=None, metadata={"min": 1})
+    """Steps before a trial can be stopped; ``null``: ``train.log_every``."""
+    reduction_factor: float = field(default=3.0, metadata={"gt": 1.0})
+    """How aggressively trials are halved at each rung."""
+    brackets: int = field(default=1, metadata={"min": 1})
+    """Number of brackets (different grace periods)."""
+
+
+@dataclass
+class PbtSection:
+    """``tune.pbt:`` — population based training, on optimizer steps."""
+
+    perturbation_interval: int | None = field(default=None, metadata={"min": 1})
+    """Optimizer steps between exploit/explore decisions; a multiple of
+    ``train.log_every`` (trials report and checkpoint on that cadence). Required."""
+    burn_in_period: int = field(default=0, metadata={"min": 0})
+    """Steps before the first perturbation."""
+    quantile_fraction: float = field(default=0.25, metadata={"min": 0.0})
+    """Bottom fraction that clones a top trial (at most 0.5)."""
+    resample_probability: float = field(default=0.25, metadata={"min": 0.0})
+    """Chance a mutated value is resampled from its distribution instead of perturbed."""
+    perturbation_factors: list[float] = field(default_factory=lambda: [1.2, 0.8])
+    """Factors a continuous value is multiplied by when perturbed."""
+    synch: bool = False
+    """Perturb all trials at the same step (waits for the slowest)."""
+    mutations: dict[str, Any] | None = None
+    """Dotted config path -> distribution, as in ``search``; ``null``: the ``search``
+    block. Only ``optimizer.*``, ``extend.*``, ``schedules.*`` and ``control.*``."""
+
+
+@dataclass
+class ResourcesSection:
+    """``tune.resources:`` — what one trial gets."""
+
+    cpus: float = field(default=1.0, metadata={"gt": 0.0})
+    """CPUs per trial (per worker when ``workers > 1``)."""
+    gpus: float = field(default=0.0, metadata={"min": 0.0})
+    """GPUs per trial (per worker when ``workers > 1``)."""
+    workers: int = field(default=1, metadata={"min": 1})
+    """``> 1``: each trial is a DDP job of this many processes (Ray Train's
+    ``TorchTrainer``); PBT is not available then."""
+
+
+@dataclass
+class TuneSection:
+    """``tune:`` — how the sweep runs."""
+
+    metric: str = "eval/loss"
+    """What trials are ranked by: ``eval/loss`` or ``train/loss``."""
+    mode: Literal["min", "max"] = "min"
+    """Whether lower or higher ``metric`` is better."""
+    num_samples: int = field(default=1, metadata={"min": 1})
+    """Samples of the search space (a ``grid`` runs each of its values this many times)."""
+    scheduler: Literal["none", "asha", "pbt"] = "none"
+    """Trial scheduler: run all to the end, ASHA early stopping, or PBT."""
+    asha: AshaSection = field(default_factory=AshaSection)
+    """ASHA settings (``scheduler: asha``)."""
+    pbt: PbtSection = field(default_factory=PbtSection)
+    """PBT settings (``scheduler: pbt``)."""
+    max_concurrent_trials: int | None = field(default=None, metadata={"min": 1})
+    """At most this many trials at once; ``null``: as many as resources allow."""
+    max_failures: int = field(default=0, metadata={"min": 0})
+    """Restarts of a crashed trial from its last checkpoint."""
+    storage_path: str = "runs/tune"
+    """Results, checkpoints and per-trial logs go under ``storage_path/name`` (relative
+    to the working directory; a shared path or URI on a multi-node cluster)."""
+    name: str | None = None
+    """Experiment name; ``null``: the sweep file's name without ``.yaml``."""
+    resources: ResourcesSection = field(default_factory=ResourcesSection)
+    """Per-trial resources."""
+    seed: int | None = field(default=None, metadata={"min": 0})
+    """Seeds the sampling of the search space (trials' own seeds come from the config)."""
+    keep_checkpoints: int | None = field(default=None, metadata={"min": 1})
+    """Tune checkpoints kept per trial; ``null``: 2, or all of them under PBT (a donor
+    goes on training, and a pruned checkpoint could no longer be cloned)."""
+
+
+@dataclass
+class Sweep:
+    """A checked sweep file."""
+
+    path: Path
+    base_path: Path
+    base: dict[str, Any]
+    """The base train config with ``set`` applied, as plain data."""
+    search: dict[str, Distribution]
+    mutations: dict[str, Distribution]
+    tune: TuneSection
+    config: TrainConfig
+    """The base config, parsed and validated."""
+
+    @property
+    def name(self) -> str:
+        return self.tune.name or self.path.stem
+
+
+def set_path(data: dict[str, Any], path: str, value: Any, *, where: str, create: bool) -> None:
+    """Write ``value`` at dotted ``path`` of ``data`` in place. With ``create=False``
+    every mapping on the way must already exist (a search path must name a field of a
+    block or a schedule the base config has)."""
+    parts = path.split(".")
+    node = data
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        here = ".".join(parts[: depth + 1])
+        if child is None:
+            if not create:
+                raise ConfigError(where, f"unknown config path: the base config has no {here!r}")
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(where, f"unknown config path: {here!r} is a value, not a mapping")
+        node = child
+    node[parts[-1]] = copy.deepcopy(value)
+
+
+def resolve_trial_config(base: Mapping[str, Any], values: Mapping[str, Any]) -> TrainConfig:
+    """``base`` with each dotted ``path: value`` of ``values`` written in, parsed and
+    validated. Raises :class:`ConfigError`."""
+    data = copy.deepcopy(dict(base))
+    for path, value in values.items():
+        set_path(data, path, value, where=path, create=True)
+    config = parse_config(data)
+    validate_config(config)
+    return config
+
+
+def _check_space(base: dict[str, Any], space: dict[str, Distribution], block: str) -> None:
+    """Try every probe value of every path on the base config."""
+    for path, dist in space.items():
+        where = f"{block}.{path}"
+        head = path.split(".")[0]
+        if head not in _blocks():
+            raise ConfigError(where, f"unknown config path: {head!r} is not a block of a "
+                              f"train config ({', '.join(_blocks())})")
+        for value in dist.probes():
+            data = copy.deepcopy(base)
+            data.setdefault(head, {} if "." in path else None)
+            set_path(data, path, value, where=where, create=False)
+            try:
+                validate_config(parse_config(data))
+            except ConfigError as exc:
+                if exc.path == path and exc.reason.startswith("unknown"):
+                    raise ConfigError(where, f"unknown config path ({exc.reason})") from None
+                raise ConfigError(
+                    where, f"{dist.kind} value {value!r} does not fit the base config: {exc}"
+                ) from None
+
+
+def _blocks() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def _check_pbt(sweep: Sweep) -> None:
+    t, train = sweep.tune, sweep.config.train
+    pbt = t.pbt
+    if t.resources.workers > 1:
+        raise ConfigError(
+            "tune.resources.workers",
+            f"scheduler pbt cannot run multi-worker trials (workers={t.resources.workers}): "
+            "restoring a DDP job into a mutated config is not supported; use scheduler "
+            "none or asha, or workers: 1",
+        )
+    if pbt.perturbation_interval is None:
+        raise ConfigError("tune.pbt.perturbation_interval", "required field is missing "
+                          f"(a multiple of train.log_every = {train.log_every})")
+    if pbt.perturbation_interval % train.log_every:
+        raise ConfigError(
+            "tune.pbt.perturbation_interval",
+            f"expected a multiple of train.log_every ({train.log_every}), the step cadence at "
+            f"which trials report and checkpoint, got {pbt.perturbation_interval}",
+        )
+    if pbt.perturbation_interval >= train.steps:
+        raise ConfigError(
+            "tune.pbt.perturbation_interval",
+            f"expected fewer steps than train.steps ({train.steps}) or PBT never perturbs, "
+            f"got {pbt.perturbation_interval}",
+        )
+    if pbt.quantile_fraction > 0.5:
+        raise ConfigError("tune.pbt.quantile_fraction",
+                          f"expected a number in [0, 0.5], got {pbt.quantile_fraction!r}")
+    if pbt.resample_probability > 1.0:
+        raise ConfigError("tune.pbt.resample_probability",
+                          f"expected a number in [0, 1], got {pbt.resample_probability!r}")
+    if not sweep.mutations:
+        raise ConfigError("tune.pbt.mutations", "PBT needs at least one path to mutate "
+                          "(give tune.pbt.mutations or a search block)")
+    for path in sweep.mutations:
+        if path.split(".")[0] not in PBT_MUTABLE_BLOCKS:
+            where = "tune.pbt.mutations" if pbt.mutations is not None else "search"
+            raise ConfigError(
+                f"{where}.{path}",
+                "PBT restores a donor trial's model and optimizer into the mutated config, "
+                f"so it can only mutate {', '.join(b + '.*' for b in PBT_MUTABLE_BLOCKS)}",
+            )
+
+
+def load_sweep(path: str | os.PathLike[str], num_samples: int | None = None) -> Sweep:
+    """Read and check a sweep file; ``num_samples`` overrides ``tune.num_samples``."""
+    sweep_path = Path(path)
+    data = as_mapping(read_yaml(sweep_path), os.fspath(sweep_path), "a mapping (base, search, tune)")
+    allowed = ("base", "set", "search", "tune")
+    for key in data:
+        if key not in allowed:
+            raise unknown_key("", key, allowed, "block")
+    if "base" not in data:
+        raise ConfigError("base", "required field is missing (the train config to sweep, "
+                          "relative to the sweep file)")
+    if not isinstance(data["base"], str) or not data["base"]:
+        raise ConfigError("base", f"expected a path to a train config, got {data['base']!r}")
+    base_path = (sweep_path.parent / data["base"]).resolve()
+    if not base_path.is_file():
+        raise ConfigError("base", f"no such file: {base_path}")
+    base = read_yaml(base_path)
+    base = copy.deepcopy(dict(as_mapping(base, os.fspath(base_path), "a mapping of blocks")))
+    for key, value in as_mapping(data.get("set"), "set").items():
+        set_path(base, key, value, where=f"set.{key}", create=True)
+    try:
+        config = parse_config(base)
+        validate_config(config)
+    except ConfigError as exc:
+        raise ConfigError("base", f"{base_path}: {exc}") from None
+    # Trials run in their own working folders: a relative data folder is made absolute
+    # here, against the folder the command runs from (as `schedany train` reads it).
+    if config.data.path is not None and not os.path.isabs(config.data.path):
+        base.setdefault("data", {})["path"] = os.path.abspath(config.data.path)
+
+    if "search" not in data:
+        raise ConfigError("search", "required field is missing (dotted config path -> "
+                          "distribution, e.g. schedules.lr.num_warmup_steps: {randint: [5, 50]})")
+    search = parse_search(data["search"], "search")
+    if not search:
+        raise ConfigError("search", "expected at least one config path to search over")
+    _check_space(base, search, "search")
+    tune_data = dict(as_mapping(data.get("tune"), "tune"))
+    pbt_data = dict(as_mapping(tune_data.get("pbt"), "tune.pbt"))
+    raw_mutations = pbt_data.pop("mutations", None)  # checked by parse_search below
+    tune = from_mapping(TuneSection, {**tune_data, "pbt": pbt_data}, "tune")
+    tune.pbt.mutations = raw_mutations
+    if num_samples is not None:
+        tune.num_samples = num_samples
+    if tune.metric not in REPORTED_METRICS:
+        raise ConfigError("tune.metric", f"expected one of {', '.join(REPORTED_METRICS)}, "
+                          f"got {tune.metric!r}")
+    mutations = search
+    if tune.pbt.mutations is not None:
+        mutations = parse_search(tune.pbt.mutations, "tune.pbt.mutations")
+        _check_space(base, mutations, "tune.pbt.mutations")
+    sweep = Sweep(sweep_path, base_path, base, search, mutations, tune, config)
+    if tune.scheduler == "pbt":
+        _check_pbt(sweep)
+    if tune.scheduler == "asha":
+        asha, steps = tune.asha, config.train.steps
+        if asha.max_t is not None and asha.max_t > steps:
+            raise ConfigError("tune.asha.max_t", f"expected at most train.steps ({steps}), "
+                              f"got {asha.max_t}")
+        grace = asha.grace_period or config.train.log_every
+        if grace > (asha.max_t or steps):
+            raise ConfigError("tune.asha.grace_period",
+                              f"expected at most max_t ({asha.max_t or steps}), got {grace}")
+    if tune.resources.workers > 1 and config.distributed.strategy == "none":
+        raise ConfigError("tune.resources.workers", f"{tune.resources.workers} workers need "
+                          "distributed.strategy auto, ddp or fsdp in the base config, not none")
+    return sweep

@@ -1,0 +1,106 @@
+"""Rank 0's outputs of a run: the progress bar or log lines, and ``metrics.jsonl``."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TextIO
+
+__all__ = ["Console", "MetricsFile", "format_values"]
+
+
+def _number(value: float) -> str:
+    if not math.isfinite(value):
+        return str(value)
+    if value == 0 or 1e-3 <= abs(value) < 1e4:
+        return f"{value:.4g}"
+    return f"{value:.3e}"
+
+
+def format_values(values: Mapping[str, float]) -> str:
+    return "  ".join(f"{k} {_number(v)}" for k, v in values.items())
+
+
+class Console:
+    """A tqdm bar (``bar``, or ``auto`` on a terminal) or plain lines, on rank 0 only."""
+
+    def __init__(
+        self, mode: Literal["auto", "bar", "lines", "none"], total: int, initial: int,
+        enabled: bool, stream: TextIO | None = None,
+    ) -> None:
+        self.stream = stream or sys.stdout
+        self.enabled = enabled and mode != "none"
+        self.total = total
+        self._bar: Any = None
+        self._started = time.perf_counter()
+        self._start_step = initial
+        want_bar = mode == "bar" or (mode == "auto" and self.stream.isatty())
+        if self.enabled and want_bar:
+            try:
+                from tqdm import tqdm
+            except ImportError:  # tqdm is optional (schedany[progress])
+                tqdm = None
+            if tqdm is not None:
+                self._bar = tqdm(total=total, initial=initial, file=self.stream,
+                                 dynamic_ncols=True, unit="step")
+
+    def update(self, step: int, postfix: Mapping[str, float] | None) -> None:
+        """Advance the bar by one step; with ``postfix``, refresh its numbers."""
+        if self._bar is not None:
+            if postfix:
+                self._bar.set_postfix({k: _number(v) for k, v in postfix.items()}, refresh=False)
+            self._bar.update(1)
+
+    def log(self, step: int, values: Mapping[str, float]) -> None:
+        """One line per ``log_every`` steps when there is no bar."""
+        if not self.enabled or self._bar is not None:
+            return
+        rate = (step - self._start_step) / max(time.perf_counter() - self._started, 1e-9)
+        self.print(f"step {step}/{self.total}  {format_values(values)}  ({rate:.2f} steps/s)")
+
+    def print(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class MetricsFile:
+    """``metrics.jsonl``: one JSON object per optimizer step (scheduled values, control
+    metrics, and the losses when they were computed). On resume at step ``s`` the lines
+    after ``s`` (written before a crash) are dropped, so the file reads as one run."""
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        kept: list[str] = []
+        if resume_step is not None and path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= resume_step:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError):
+                    break  # a torn last line from a crash
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "w")  # noqa: SIM115 - closed in close()
+        for line in kept:
+            self._file.write(line + "\n")
+        self._file.flush()
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()

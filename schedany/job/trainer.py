@@ -1,0 +1,443 @@
+"""The reference training job: read it top to bottom.
+
+One optimizer step = micro-batches until the controller is ready (one, without a
+controller), then ``optimizer.step(); optimizer.zero_grad()``, the step's values are
+recorded, and ``schedule.step()``. Evaluation, checkpoints, logs and ``report`` happen
+between optimizer steps, never inside a logical batch.
+
+Entry points: :func:`train` (programmatic) and ``schedany train CONFIG`` (the CLI).
+A run whose ``train.checkpoint_dir`` holds a checkpoint resumes from it exactly:
+model, optimizer (extended keys included), schedule, controller, data position and
+RNG state.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from ..config import ConfigError, TrainConfig, config_to_dict
+from . import checkpoint as ckpt
+from .build import build_controller, build_model, build_run
+from .data import MicroBatchSampler, eval_batches, load_corpus
+from .distributed import (
+    detect_env,
+    init_distributed,
+    is_rank0,
+    teardown,
+    unwrap_model,
+    wrap_model,
+)
+from .model import loss as lm_loss
+
+__all__ = [
+    "FAULT_MARKER_ENV",
+    "FAULT_RANK_ENV",
+    "FAULT_STEP_ENV",
+    "Report",
+    "TrainResult",
+    "Trainer",
+    "train",
+]
+
+FAULT_STEP_ENV = "SCHEDANY_FAULT_AT_STEP"
+"""Fault injection for tests: after optimizer step N (and its checkpoint, if due) ..."""
+FAULT_RANK_ENV = "SCHEDANY_FAULT_RANK"
+"""... the process of this global rank (default 0) kills itself with SIGKILL, ..."""
+FAULT_MARKER_ENV = "SCHEDANY_FAULT_MARKER"
+"""... once: it first creates this file (default ``<checkpoint_dir>/.fault_injected``),
+and a marker that already exists disarms the fault (so a restarted run goes on)."""
+
+Report = Callable[[dict[str, float], "str | None"], None]
+"""``report(metrics, checkpoint)``: called on rank 0 every ``train.log_every`` optimizer
+steps and after the last one. ``metrics`` holds ``global_step``, ``train/loss`` (mean
+over the steps since the last report), ``eval/loss`` (when evaluated at that step),
+``schedule/<key>/<group>`` and ``control/<metric>``. ``checkpoint`` is the path of the
+checkpoint written at that step, or None."""
+
+_MAX_DROPPED_IN_A_ROW = 20
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns (on every rank)."""
+
+    step: int
+    """Optimizer steps done (``train.steps`` unless it was already done)."""
+    train_loss: float | None
+    """Mean train loss (per token) over the last report window."""
+    eval_loss: float | None
+    """Held-out loss at the end."""
+    resumed_from: int | None
+    """The checkpoint step the run resumed from, or None for a fresh start."""
+    checkpoint: str | None
+    """The last checkpoint written or loaded, or None."""
+
+
+class Trainer:
+    """The job's state and loop. :func:`train` is the usual way in; the pieces are
+    public so the overhead benchmark can time :meth:`train_step` alone."""
+
+    def __init__(self, config: TrainConfig, *, report: Report | None = None) -> None:
+        self.config = config
+        self.report = report
+        train_cfg = config.train
+        if train_cfg.device and train_cfg.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError("train.device", f"{train_cfg.device!r} asked for, but CUDA is not "
+                                              "available on this machine")
+        timeout = timedelta(minutes=config.distributed.timeout_minutes)
+        _start_elastic_process_group(train_cfg.device, timeout)
+        self.env = init_distributed(train_cfg.device, timeout=timeout)
+        self.device = self.env.device
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+
+        try:
+            self.model = wrap_model(build_model(config), config.distributed.strategy, self.env)
+        except ValueError as exc:  # strategy vs launch mismatch
+            raise ConfigError("distributed.strategy", str(exc).split(": ", 1)[-1]) from None
+        self.optimizer, self.schedule = build_run(config, self.model)
+        self.controller = build_controller(config, self.model, self.optimizer)
+        self.per_token = config.control.kind != "none" and config.control.items == "tokens"
+
+        d, m = config.data, config.model
+        try:
+            corpus = load_corpus(d.path, suffixes=d.suffixes, max_bytes=d.max_bytes)
+            train_docs, eval_docs = corpus.split(d.eval_fraction, seed=config.seed)
+        except (OSError, ValueError) as exc:
+            raise ConfigError("data.path", str(exc)) from None
+        rank, world = self.env.rank, self.env.world_size
+        self.sampler = MicroBatchSampler(
+            train_docs, train_cfg.micro_batch_size, m.seq_len, seed=config.seed, rank=rank,
+            world_size=world, min_len=d.min_len,
+        )
+        self.eval_set = eval_batches(
+            eval_docs, d.eval_batch_size, m.seq_len, max_windows=d.eval_windows, rank=rank,
+            world_size=world,
+        )
+        self.step = 0
+        self._window = torch.zeros(2, dtype=torch.float64, device=self.device)
+
+    # --- one optimizer step ----------------------------------------------------------
+
+    def train_step(self) -> dict[str, Any]:
+        """Run micro-batches until the controller is ready, step the optimizer, record
+        the values this step used, then step the schedule. Returns that record."""
+        ctl, model = self.controller, self.model
+        micro_steps, dropped_in_a_row = 0, 0
+        while True:
+            batch = next(self.sampler).to(self.device, non_blocking=True)
+            micro_steps += 1
+            if ctl is None:
+                total, n = lm_loss(model, batch, "sum")
+                (total / n).backward()
+            else:
+                dropped_before = ctl.metrics()["dropped_batches"]
+                with ctl.accumulate(num_items=batch.num_tokens if self.per_token else None):
+                    total, n = lm_loss(model, batch, "sum")
+                    (total if self.per_token else total / n).backward()
+                if ctl.metrics()["dropped_batches"] != dropped_before:
+                    dropped_in_a_row += 1
+                    if dropped_in_a_row >= _MAX_DROPPED_IN_A_ROW:
+                        raise FloatingPointError(
+                            f"{dropped_in_a_row} logical batches in a row had non-finite "
+                            f"gradients at optimizer step {self.step + 1}; training diverged"
+                        )
+            self._window[0] += total.detach().to(torch.float64)
+            self._window[1] += n
+            if ctl is None or ctl.ready:
+                break
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        schedule = self.schedule
+        record: dict[str, Any] = {
+            "step": self.step,
+            "micro_steps": micro_steps,
+            "schedule": {name: schedule.get_last_schedule(name) for name in schedule.schedule_names},
+        }
+        if ctl is not None:
+            record["control"] = ctl.metrics()
+        return record
+
+    def finish_step(self) -> None:
+        """``schedule.step()``; separate so loggers can read the values the step used."""
+        self.schedule.step()
+
+    # --- evaluation, losses ------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Per-token loss on the fixed held-out windows, over all ranks."""
+        net = unwrap_model(self.model)  # DDP: the plain module, no collectives; FSDP: itself
+        net.eval()
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for batch in self.eval_set:
+            total, n = lm_loss(net, batch.to(self.device), "sum")
+            sums[0] += total.to(torch.float64)
+            sums[1] += n
+        net.train()
+        if dist.is_initialized():
+            dist.all_reduce(sums)
+        return float(sums[0] / sums[1])
+
+    def take_train_loss(self) -> float:
+        """Mean per-token train loss since the last call, over all ranks."""
+        window = self._window.clone()
+        self._window.zero_()
+        if dist.is_initialized():
+            dist.all_reduce(window)
+        return float(window[0] / window[1]) if window[1] > 0 else math.nan
+
+    # --- checkpoints -----------------------------------------------------------------------
+
+    def _plain_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "schedule": self.schedule.state_dict(),
+            "controller": None if self.controller is None else self.controller.state_dict(),
+            "data": self.sampler.state_dict(),
+        }
+
+    def save_checkpoint(self) -> str:
+        """Checkpoint at this optimizer-step boundary (collective under torchrun)."""
+        directory = self.config.train.checkpoint_dir
+        assert directory is not None
+        keep = self.config.train.keep_checkpoints
+        state = self._plain_state()
+        if dist.is_initialized():
+            ref = ckpt.save_distributed_checkpoint(
+                directory, self.step, self.model, self.optimizer, state,
+                rank_state={"rng": ckpt.capture_rng_state()}, keep_last=keep,
+            )
+        else:
+            state["model"] = unwrap_model(self.model).state_dict()
+            state["optimizer"] = self.optimizer.state_dict()
+            state["rng"] = ckpt.capture_rng_state()
+            ref = ckpt.save_checkpoint(directory, self.step, state, keep_last=keep)
+        return str(ref.path)
+
+    def resume(self) -> str | None:
+        """Load the newest valid checkpoint of ``train.checkpoint_dir``, if there is one.
+
+        Newer corrupt or truncated ones are skipped with a warning; if checkpoints exist
+        but none is valid, :class:`~schedany.job.checkpoint.CheckpointError` is raised
+        rather than silently starting over.
+        """
+        directory = self.config.train.checkpoint_dir
+        if directory is None:
+            return None
+        ref = ckpt.latest_valid_checkpoint(directory)
+        if ref is None:
+            found = ckpt.list_checkpoints(directory)
+            if found:
+                raise ckpt.CheckpointError(
+                    f"{directory}: holds {len(found)} checkpoint(s) (newest: {found[0].path}) "
+                    "but none is valid; move them away to start over"
+                )
+            return None
+        distributed = dist.is_initialized()
+        if ref.distributed != distributed:
+            raise ckpt.CheckpointError(
+                f"checkpoint {ref.path} was written by a {'torchrun' if ref.distributed else 'single-process'} "
+                f"run; resume it the same way"
+            )
+        try:
+            if distributed:
+                state, own = ckpt.load_distributed_checkpoint(ref, self.model, self.optimizer)
+                rng = None if own is None else own["rng"]
+            else:
+                state = ckpt.load_checkpoint(ref)
+                unwrap_model(self.model).load_state_dict(state["model"])
+                self.optimizer.load_state_dict(state["optimizer"])
+                rng = state["rng"]
+            # The optimizer now holds every saved key (extended ones included); the
+            # schedule then rewrites each scheduled key to its saved value.
+            self.schedule.load_state_dict(state["schedule"])
+            if (self.controller is None) != (state["controller"] is None):
+                raise ValueError("it was saved with a different control.kind")
+            if self.controller is not None:
+                self.controller.load_state_dict(state["controller"])
+            self.sampler.load_state_dict(state["data"])
+        except ckpt.CheckpointError:
+            raise
+        except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+            raise ckpt.CheckpointError(
+                f"checkpoint {ref.path} does not fit this config ({exc}); resume with the "
+                "config that wrote it, or give train.checkpoint_dir a fresh folder"
+            ) from exc
+        if rng is not None:
+            ckpt.restore_rng_state(rng)
+        self.step = int(state["step"])
+        return str(ref.path)
+
+    # --- the whole run ----------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        cfg = self.config.train
+        resumed = self.resume()
+        resumed_from = self.step if resumed else None
+        rank0 = is_rank0()
+        from ._console import Console, MetricsFile
+
+        console = Console(cfg.progress, cfg.steps, self.step, rank0)
+        metrics_file = logger = None
+        if rank0 and cfg.log_dir is not None:
+            log_dir = Path(cfg.log_dir)
+            metrics_file = MetricsFile(log_dir / "metrics.jsonl", resumed_from)
+            (log_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.config),
+                                                                 sort_keys=False))
+            from ..integrations.tensorboard import ScheduleLogger
+
+            logger = ScheduleLogger(
+                self.schedule, self.controller, log_dir=str(log_dir),
+                purge_step=None if resumed_from is None else resumed_from + 1,
+            )
+        labels = _group_labels(self.optimizer)
+        train_loss = eval_loss = None
+        last_checkpoint = resumed
+        try:
+            if resumed_from is None:
+                eval_loss = self.evaluate()
+                console.print(f"step 0/{cfg.steps}  eval/loss {eval_loss:.4f}")
+                if logger is not None:
+                    logger.log_scalars(0, {"eval/loss": eval_loss})
+            else:
+                console.print(f"resumed from {resumed} at step {resumed_from}")
+            while self.step < cfg.steps:
+                record = self.train_step()
+                step = self.step
+                last = step == cfg.steps
+                scalars: dict[str, float] = {}
+                if step % cfg.log_every == 0 or last:
+                    train_loss = self.take_train_loss()
+                    scalars["train/loss"] = train_loss
+                if (cfg.eval_every and step % cfg.eval_every == 0) or last:
+                    eval_loss = self.evaluate()
+                    scalars["eval/loss"] = eval_loss
+                if logger is not None:
+                    logger.log(step, scalars)
+                if metrics_file is not None:
+                    metrics_file.write({**record, **scalars})
+                headline = {**scalars, **_headline(record)} if scalars else None
+                console.update(step, headline)
+                if headline:
+                    console.log(step, headline)
+                self.finish_step()
+                saved = None
+                if cfg.checkpoint_dir is not None and (
+                    last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+                ):
+                    if metrics_file is not None:
+                        metrics_file.flush()
+                    if logger is not None:
+                        logger.flush()
+                    saved = last_checkpoint = self.save_checkpoint()
+                if scalars and self.report is not None and rank0:
+                    flat = _flatten(record, labels)
+                    self.report({"global_step": float(step), **scalars, **flat}, saved)
+                _maybe_inject_fault(step, self.env.rank, cfg.checkpoint_dir)
+            if eval_loss is None:
+                eval_loss = self.evaluate()
+        finally:
+            console.close()
+            if metrics_file is not None:
+                metrics_file.close()
+            if logger is not None:
+                logger.close()
+        return TrainResult(self.step, train_loss, eval_loss, resumed_from, last_checkpoint)
+
+
+def _group_labels(optimizer: torch.optim.Optimizer) -> list[str]:
+    return [str(g["name"]) if g.get("name") is not None else f"pg{i}"
+            for i, g in enumerate(optimizer.param_groups)]
+
+
+def _flatten(record: dict[str, Any], labels: list[str]) -> dict[str, float]:
+    out = {f"schedule/{key}/{label}": float(v)
+           for key, values in record["schedule"].items() for label, v in zip(labels, values)}
+    out.update({f"control/{k}": float(v) for k, v in record.get("control", {}).items()})
+    return out
+
+
+def _headline(record: dict[str, Any]) -> dict[str, float]:
+    """The values a progress line shows: each scheduled key's first group, the
+    micro-steps of the step, and the controller's target."""
+    out = {key: values[0] for key, values in record["schedule"].items()}
+    out["micro_steps"] = float(record["micro_steps"])
+    return out
+
+
+def _start_elastic_process_group(device: str | None, timeout: timedelta) -> None:
+    """Start the process group on a per-restart view of torchrun's store.
+
+    Since torch 2.5 the workers share torchrun's rendezvous TCPStore and, after
+    ``--max-restarts`` restarts the group, read keys the previous attempt left there
+    (pytorch/pytorch#135712): gloo then dials a dead peer and hangs in
+    ``connectFullMesh`` (about one restart in three on CPU here). Prefixing the store
+    with ``TORCHELASTIC_RESTART_COUNT``, as torch did before 2.5, isolates attempts.
+    The count is per agent, so this is exact on one node; across nodes launch with
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (then this does nothing).
+    :func:`init_distributed` reuses the group started here.
+    """
+    if dist.is_initialized() or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    env = detect_env(device)
+    backend = "nccl" if env.device.type == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(env.device)
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size,
+        is_master=False, timeout=timeout,
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(
+        backend, store=dist.PrefixStore(f"/schedany/attempt_{attempt}", store),
+        rank=env.rank, world_size=env.world_size, timeout=timeout,
+        device_id=env.device if backend == "nccl" else None,
+    )
+
+
+def _maybe_inject_fault(step: int, rank: int, checkpoint_dir: str | None) -> None:
+    at = os.environ.get(FAULT_STEP_ENV)
+    if at is None or int(at) != step or rank != int(os.environ.get(FAULT_RANK_ENV, "0")):
+        return
+    marker = Path(os.environ.get(FAULT_MARKER_ENV)
+                  or Path(checkpoint_dir or ".") / ".fault_injected")
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"rank {rank} killed itself after step {step}\n")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train(config: TrainConfig, *, report: Report | None = None) -> TrainResult:
+    """Run the reference job described by ``config`` (see :class:`Trainer`).
+
+    Single-process, or distributed when launched by ``torchrun`` (the process group is
+    started here and destroyed at the end unless the caller had started one). Resumes
+    from ``train.checkpoint_dir`` when it holds a checkpoint; ``report`` is called on
+    rank 0 every ``train.log_every`` steps (see :data:`Report`).
+
+    Raises:
+        ConfigError: what the config cannot be checked for before a run starts (data
+            folder without documents, strategy vs launch, CUDA availability).
+        CheckpointError: checkpoints exist but none is valid, or one of another kind.
+    """
+    owns_group = not dist.is_initialized()
+    try:
+        return Trainer(config, report=report).run()
+    finally:
+        if owns_group:
+            teardown()

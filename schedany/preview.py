@@ -1,0 +1,176 @@
+"""``schedany preview``: every scheduled value of a train config, without training.
+
+The schedule is stepped on a throwaway optimizer that
+:func:`schedany.job.build.build_run` builds exactly as the trainer does (same param
+groups, same keys, ``extend`` applied), so the numbers are the ones a real run logs.
+
+Step convention (the reference trainer's): step ``s`` (``1 <= s <= steps``) is the
+``s``-th optimizer step, and its value is the one that step used — what the schedule
+holds after ``s - 1`` calls of ``schedule.step()``. TensorBoard tags and
+``metrics.jsonl`` of a real run use the same ``s``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+from .config import ConfigError, TrainConfig, load_config
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["ScheduleTrace", "plot_trace", "preview_command", "table_steps", "trace", "format_table"]
+
+_PANEL_HEIGHT_IN = 2.0
+_FIGURE_WIDTH_IN = 8.0
+_MARGIN_IN = 0.9
+DPI = 100
+_LINE_STYLES = ("-", "--", ":", "-.")
+FULL_TABLE_STEPS = 30
+"""Up to this many steps the table shows every step; beyond, :data:`TABLE_ROWS` of them."""
+TABLE_ROWS = 21
+
+
+class ScheduleTrace(NamedTuple):
+    """Every scheduled value: ``values[key][s - 1][g]`` is the value of ``key`` in param
+    group ``g`` (labelled ``groups[g]``) used by optimizer step ``s``."""
+
+    groups: list[str]
+    values: dict[str, list[list[float]]]
+
+    @property
+    def steps(self) -> int:
+        return len(next(iter(self.values.values()), []))
+
+
+def trace(config: TrainConfig, steps: int | None = None, *, tensorboard: str | None = None) -> ScheduleTrace:
+    """Step the config's schedule ``steps`` times (default ``train.steps``) on a
+    throwaway optimizer and record each step's values; optionally write them to
+    TensorBoard under ``tensorboard`` with the tags a real run uses."""
+    from .integrations.tensorboard import group_labels
+    from .job.build import build_run
+
+    steps = config.train.steps if steps is None else steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError("--steps", f"expected an integer >= 1, got {steps!r}")
+    optimizer, schedule = build_run(config)
+    logger = None
+    if tensorboard is not None:
+        from .integrations.tensorboard import ScheduleLogger
+
+        # purge_step=1: previewing into the same folder again replaces the old curves.
+        logger = ScheduleLogger(schedule, log_dir=tensorboard, purge_step=1)
+    names = schedule.schedule_names
+    values: dict[str, list[list[float]]] = {name: [] for name in names}
+    try:
+        for step in range(1, steps + 1):
+            optimizer.step()  # no gradients, nothing changes: it keeps torch's order check happy
+            for name in names:
+                values[name].append(schedule.get_last_schedule(name))
+            if logger is not None:
+                logger.log(step)
+            schedule.step()
+    finally:
+        if logger is not None:
+            logger.close()
+    return ScheduleTrace(group_labels(optimizer.param_groups), values)
+
+
+def table_steps(steps: int) -> list[int]:
+    """Every step up to :data:`FULL_TABLE_STEPS`; else about :data:`TABLE_ROWS` evenly
+    spaced ones, the first and the last included."""
+    if steps <= FULL_TABLE_STEPS:
+        return list(range(1, steps + 1))
+    return sorted({1 + round(i * (steps - 1) / (TABLE_ROWS - 1)) for i in range(TABLE_ROWS)})
+
+
+def format_table(result: ScheduleTrace, steps: Sequence[int] | None = None) -> str:
+    """One row per step, one column per ``key/group``; values to 6 significant digits."""
+    steps = table_steps(result.steps) if steps is None else steps
+    columns = [(key, g) for key in result.values for g in range(len(result.groups))]
+    header = ["step"] + [f"{key}/{result.groups[g]}" for key, g in columns]
+    rows = [[str(s)] + [f"{result.values[key][s - 1][g]:.6g}" for key, g in columns] for s in steps]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.rjust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]
+    )
+
+
+def plot_trace(result: ScheduleTrace, title: str = "") -> Figure:
+    """One panel per scheduled key, one line per param group, sharing the step axis.
+
+    The figure is ``8 x (0.9 + 2 * keys)`` inches; at :data:`DPI` that is the PNG size.
+    Built on :class:`matplotlib.figure.Figure`, so no pyplot state or GUI backend is
+    involved (plain Agg rendering).
+    """
+    from matplotlib.figure import Figure
+
+    keys = list(result.values)
+    fig = Figure(figsize=(_FIGURE_WIDTH_IN, _MARGIN_IN + _PANEL_HEIGHT_IN * len(keys)), dpi=DPI)
+    axes = fig.subplots(len(keys), 1, sharex=True, squeeze=False)[:, 0]
+    x = list(range(1, result.steps + 1))
+    for ax, key in zip(axes, keys):
+        for g, label in enumerate(result.groups):
+            # Groups often share a curve; a line style per group keeps each one visible.
+            style = _LINE_STYLES[g % len(_LINE_STYLES)]
+            ax.plot(x, [row[g] for row in result.values[key]], style, label=label, linewidth=1.5)
+        ax.set_title(key, loc="left", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        if len(result.groups) > 1:
+            ax.legend(fontsize=8, loc="best")
+    axes[-1].set_xlabel("optimizer step")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def preview_command(
+    config_path: str,
+    output: str | None,
+    steps: int | None,
+    tensorboard: str | None,
+    overrides: list[str],
+) -> int:
+    """``schedany preview CONFIG [-o FILE.png] [--steps N] [--tensorboard DIR] [--set k=v]``.
+
+    Plots one panel per key to ``output`` (any format matplotlib writes, by suffix),
+    else prints a compact table; ``tensorboard`` also writes the curves there. Returns
+    the exit code; a bad config or argument raises :class:`~schedany.config.ConfigError`.
+    """
+    config = load_config(config_path, overrides)
+    if output is not None:
+        formats = _image_formats()
+        if formats is None:
+            print("schedany preview: error: -o needs matplotlib: pip install 'schedany[plot]'",
+                  file=sys.stderr)
+            return 1
+        if Path(output).suffix.lower().lstrip(".") not in formats:
+            raise ConfigError(
+                "--output", f"expected a file ending in .png (or .{', .'.join(sorted(formats))}), "
+                f"got {output!r}"
+            )
+    result = trace(config, steps, tensorboard=tensorboard)
+    where = f"{config_path}: {result.steps} optimizer steps"
+    if output is None:
+        print(f"{where}; the value each step used (step s: after s-1 schedule steps)")
+        print(format_table(result))
+    else:
+        path = Path(output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        plot_trace(result, title=where).savefig(path)
+        print(f"wrote {path} ({len(result.values)} panels: {', '.join(result.values)})")
+    if tensorboard is not None:
+        print(f"wrote TensorBoard curves to {tensorboard} (tensorboard --logdir {tensorboard})")
+    return 0
+
+
+def _image_formats() -> dict[str, str] | None:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+    except ImportError:
+        return None
+    return FigureCanvasAgg.get_supported_filetypes()
