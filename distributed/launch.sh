@@ -25,6 +25,11 @@ fi
 config="$1"
 shift
 
+# Each rendezvous round gets a fresh store for the workers' process group. Sharing
+# torchrun's own store (the default since torch 2.5) lets restarted workers read the
+# previous round's keys and hang (pytorch/pytorch#135712).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
+
 exec "${PYTHON:-python3}" -m torch.distributed.run \
     --nnodes="${NNODES:-1}" \
     --nproc-per-node="${NPROC_PER_NODE:-1}" \
