@@ -8,6 +8,7 @@ Imported on Ray workers only; ray is imported inside the functions.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -17,12 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
-
 from ..config import TrainConfig
 from ..job.build import build_controller, build_run
-from ..job.distributed import is_rank0, teardown
-from ..job.trainer import Report, Trainer, TrainResult
+from ..job.distributed import is_rank0
+from ..job.trainer import Report, Trainer, TrainResult, train
 from ._sweep import resolve_trial_config
 from ._tune_restore import rebuild_at_step
 
@@ -102,14 +101,9 @@ class TuneTrainer(Trainer):
         return path
 
 
-def _run(config: TrainConfig, **kwargs: Any) -> TrainResult:
+def _run(config: TrainConfig, *, report: Report | None, **trainer_args: Any) -> TrainResult:
     """:func:`schedany.job.trainer.train` with a :class:`TuneTrainer`."""
-    owns_group = not dist.is_initialized()
-    try:
-        return TuneTrainer(config, **kwargs).run()
-    finally:
-        if owns_group:
-            teardown()
+    return train(config, report=report, trainer_cls=functools.partial(TuneTrainer, **trainer_args))
 
 
 def _checkpoint_files(path: Path) -> list[Path]:

@@ -422,13 +422,17 @@ def _maybe_inject_fault(step: int, rank: int, checkpoint_dir: str | None) -> Non
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def train(config: TrainConfig, *, report: Report | None = None) -> TrainResult:
+def train(
+    config: TrainConfig, *, report: Report | None = None,
+    trainer_cls: Callable[..., Trainer] | None = None,
+) -> TrainResult:
     """Run the reference job described by ``config`` (see :class:`Trainer`).
 
     Single-process, or distributed when launched by ``torchrun`` (the process group is
     started here and destroyed at the end unless the caller had started one). Resumes
     from ``train.checkpoint_dir`` when it holds a checkpoint; ``report`` is called on
-    rank 0 every ``train.log_every`` steps (see :data:`Report`).
+    rank 0 every ``train.log_every`` steps (see :data:`Report`). ``trainer_cls`` builds
+    a :class:`Trainer` subclass instead (the Ray Tune adapter's restores differently).
 
     Raises:
         ConfigError: what the config cannot be checked for before a run starts (data
@@ -437,7 +441,7 @@ def train(config: TrainConfig, *, report: Report | None = None) -> TrainResult:
     """
     owns_group = not dist.is_initialized()
     try:
-        return Trainer(config, report=report).run()
+        return (trainer_cls or Trainer)(config, report=report).run()
     finally:
         if owns_group:
             teardown()
