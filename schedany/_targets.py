@@ -59,7 +59,7 @@ class Target:
                 keys = [k for k in group if k != "params"]
                 raise KeyError(
                     f"{where}={self.name!r}: param_groups[{i}] has no key {self.key!r} "
-                    f"(it has {sorted(keys)}){did_you_mean(self.key, keys)} "
+                    f"(it has {sorted(keys)}){did_you_mean(self.key, keys) or '.'} "
                     "Pass default_value=... or call extend_optimizer() to add a new key."
                 )
             value = group[self.key]

@@ -28,6 +28,7 @@ with ``p = 1`` when ``M = L``. Warmups: normal ``W t / L``; inverse
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import Literal
 
@@ -54,7 +55,8 @@ def _check_finite(func: str, **values: float) -> None:
 
 def _check_steps(func: str, **steps: int) -> None:
     for name, value in steps.items():
-        if isinstance(value, bool) or not isinstance(value, int):
+        # numbers.Integral admits numpy integers (what samplers such as Ray Tune return).
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"{func} requires an integer {name}, got {name}={value!r}")
         if value < 0:
             raise ValueError(f"{func} requires {name} >= 0, got {name}={value}")
@@ -97,6 +99,7 @@ def warmup_anneal_curve(
     P, R = polynomial_exponent, warmup_multiplier
     _check_finite(func, warmup_to_value=W, anneal_to_value=A)
     _check_steps(func, num_warmup_steps=L)
+    L = int(L)
     if warmup == "inverse":
         _check_finite(func, warmup_multiplier=R)
         if R < 1:
@@ -108,6 +111,7 @@ def warmup_anneal_curve(
         A, M, shape = W, L, None
     else:
         _check_steps(func, num_training_steps=M)
+        M = int(M)
         if M <= 0:
             raise ValueError(
                 f"{func} requires num_training_steps > 0 when annealing, got num_training_steps={M}"

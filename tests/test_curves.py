@@ -297,3 +297,11 @@ def test_inverse_warmup_descends_from_R_times_W_to_W(drawn):
     assert steps[-1] == pytest.approx(W * (R - (R - 1) * (L - 1) / L), rel=1e-12, abs=_tol(W))
     if W >= 0:  # R >= 1, so the warmup never climbs
         assert all(a >= b for a, b in zip(steps, steps[1:]))
+
+
+def test_numpy_integer_step_counts_are_accepted():
+    """Samplers (Ray Tune, numpy) hand out numpy integers; they are integers."""
+    np = pytest.importorskip("numpy")
+    curve = warmup_anneal_curve(warmup_to_value=1.0, anneal_to_value=0.0,
+                                num_warmup_steps=np.int64(2), num_training_steps=np.int32(4))
+    assert [curve(t) for t in range(6)] == pytest.approx([0.0, 0.5, 1.0, 0.5, 0.0, 0.0])
