@@ -13,7 +13,6 @@ wrong collectives.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import math
 import numbers
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from .._targets import did_you_mean
 from ._comm import DataParallelGroup
 from ._grad_sync import GradientSync
 from ._grads import all_finite, divide_, local_grads
@@ -50,10 +50,9 @@ def read_scheduled_value(optimizer: Optimizer, key: str, owner: str) -> float:
         values.append(float(value))
     if not values:
         keys = sorted({k for group in optimizer.param_groups for k in group if k != "params"})
-        close = difflib.get_close_matches(key, keys, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
         raise KeyError(
-            f"{owner}: key={key!r} is in no optimizer param group (keys: {keys}){hint} "
+            f"{owner}: key={key!r} is in no optimizer param group (keys: {keys})"
+            f"{did_you_mean(key, keys)} "
             f"Add it first: schedany.extend_optimizer(optimizer, {key!r}, initial_value)"
         )
     value = max(values)
