@@ -29,10 +29,10 @@ class _GroupView(dict):
 
     The dict holds the scheduler's bookkeeping and a copy of the target's value
     under ``"lr"``. Reads are plain dict reads (torch makes three per group per
-    step); the copy is refreshed from the real group every time the scheduler
-    fetches ``proxy.param_groups``, and writes go through to the real group.
-    The real group is looked up by index each time: ``optimizer.load_state_dict``
-    replaces the group dicts, and the view must follow.
+    step); :attr:`BoundOptimizer.param_groups` refreshes the copy when the real
+    value may have changed, and writes go through to the real group. The real
+    group is looked up by index: ``optimizer.load_state_dict`` replaces the group
+    dicts, and the view must follow.
     """
 
     __slots__ = ("_owner", "_index", "_key")
