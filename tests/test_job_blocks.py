@@ -368,6 +368,22 @@ def test_single_process_strategy_resolution() -> None:
     teardown()  # no group: a no-op
 
 
+
+def test_agent_store_group_keys_live_under_the_restart_count(monkeypatch) -> None:
+    # pytorch/pytorch#135712: a restarted group must not read the last attempt's keys.
+    agent = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
+    for name, value in dict(RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=agent.port).items():
+        monkeypatch.setenv(name, str(value))
+    try:
+        init_distributed("cpu", timeout=timedelta(seconds=60))
+        keys = agent.list_keys()
+    finally:
+        teardown()
+    assert keys and all(key.startswith("/schedany/attempt_2/") for key in keys), keys
+
 def _dcp_round_trip(env, strategy: str, root: Path, corpus: Corpus) -> None:
     def make(seed: int, threshold: float | None, weight_decay: float = 0.3):
         model = wrap_model(build_model(TINY, seed=seed), strategy, env)

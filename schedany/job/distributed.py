@@ -86,22 +86,57 @@ def init_distributed(
     whenever ``WORLD_SIZE`` is set (also for one process, so ``fsdp`` works under
     ``torchrun --nproc-per-node 1``); an already started group is reused.
     ``init_method`` defaults to ``env://`` (torchrun's ``MASTER_ADDR``/``MASTER_PORT``);
-    tests pass ``file://...``.
+    tests pass ``file://...``. Without one, under torchrun's shared agent store
+    (``TORCHELASTIC_USE_AGENT_STORE=True``) the group starts on a per-restart view of
+    that store instead (see :func:`_init_on_restart_store`).
     """
     env = detect_env(device)
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
     if env.under_torchrun and not dist.is_initialized():
         backend = "nccl" if env.device.type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend=backend,
-            init_method=init_method,
-            rank=env.rank,
-            world_size=env.world_size,
-            timeout=timeout,
-            device_id=env.device if backend == "nccl" else None,
-        )
+        if init_method is None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            _init_on_restart_store(env, backend, timeout)
+        else:
+            dist.init_process_group(
+                backend=backend,
+                init_method=init_method,
+                rank=env.rank,
+                world_size=env.world_size,
+                timeout=timeout,
+                device_id=env.device if backend == "nccl" else None,
+            )
     return env
+
+
+def _init_on_restart_store(env: DistEnv, backend: str, timeout: timedelta) -> None:
+    """Start the process group on a per-restart view of torchrun's store.
+
+    Since torch 2.5 the workers share torchrun's rendezvous TCPStore and, after
+    ``--max-restarts`` restarts the group, read keys the previous attempt left there
+    (pytorch/pytorch#135712): gloo then dials a dead peer and hangs in
+    ``connectFullMesh`` (about one restart in three on CPU here). Prefixing the store
+    with ``TORCHELASTIC_RESTART_COUNT``, as torch did before 2.5, isolates attempts.
+    The count is per agent, so this is exact on one node; across nodes launch with
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (then torchrun does not set
+    ``TORCHELASTIC_USE_AGENT_STORE`` and this is not called).
+    """
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        env.world_size,
+        is_master=False,
+        timeout=timeout,
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(
+        backend,
+        store=dist.PrefixStore(f"/schedany/attempt_{attempt}", store),
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=timeout,
+        device_id=env.device if backend == "nccl" else None,
+    )
 
 
 def resolve_strategy(strategy: Strategy, world_size: int) -> Literal["none", "ddp", "fsdp"]:

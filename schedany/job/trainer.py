@@ -32,7 +32,6 @@ from . import checkpoint as ckpt
 from .build import build_controller, build_model, build_run
 from .data import MicroBatchSampler, eval_batches, load_corpus
 from .distributed import (
-    detect_env,
     init_distributed,
     is_rank0,
     teardown,
@@ -97,7 +96,6 @@ class Trainer:
             raise ConfigError("train.device", f"{train_cfg.device!r} asked for, but CUDA is not "
                                               "available on this machine")
         timeout = timedelta(minutes=config.distributed.timeout_minutes)
-        _start_elastic_process_group(train_cfg.device, timeout)
         self.env = init_distributed(train_cfg.device, timeout=timeout)
         self.device = self.env.device
         torch.manual_seed(config.seed)
@@ -377,36 +375,6 @@ def _headline(record: dict[str, Any]) -> dict[str, float]:
     out = {key: values[0] for key, values in record["schedule"].items()}
     out["micro_steps"] = float(record["micro_steps"])
     return out
-
-
-def _start_elastic_process_group(device: str | None, timeout: timedelta) -> None:
-    """Start the process group on a per-restart view of torchrun's store.
-
-    Since torch 2.5 the workers share torchrun's rendezvous TCPStore and, after
-    ``--max-restarts`` restarts the group, read keys the previous attempt left there
-    (pytorch/pytorch#135712): gloo then dials a dead peer and hangs in
-    ``connectFullMesh`` (about one restart in three on CPU here). Prefixing the store
-    with ``TORCHELASTIC_RESTART_COUNT``, as torch did before 2.5, isolates attempts.
-    The count is per agent, so this is exact on one node; across nodes launch with
-    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (then this does nothing).
-    :func:`init_distributed` reuses the group started here.
-    """
-    if dist.is_initialized() or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return
-    env = detect_env(device)
-    backend = "nccl" if env.device.type == "cuda" else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(env.device)
-    store = dist.TCPStore(
-        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size,
-        is_master=False, timeout=timeout,
-    )
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group(
-        backend, store=dist.PrefixStore(f"/schedany/attempt_{attempt}", store),
-        rank=env.rank, world_size=env.world_size, timeout=timeout,
-        device_id=env.device if backend == "nccl" else None,
-    )
 
 
 def _maybe_inject_fault(step: int, rank: int, checkpoint_dir: str | None) -> None:
