@@ -14,11 +14,11 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from ._optimizer_utils import extend_optimizer
+from ._rollback import unchanged_on_error
 from ._targets import Target, parse_target
 
 __all__ = ["arbitrary_schedule_factory", "BoundOptimizer", "bound_target", "real_optimizer"]
@@ -94,8 +94,8 @@ class BoundOptimizer(Optimizer):
         self._opt_called = False
         this = weakref.ref(self)
         self._hooks = [
-            optimizer.register_step_post_hook(_after_step(this)),
-            optimizer.register_load_state_dict_post_hook(_after_load(this)),
+            optimizer.register_step_post_hook(_flag_setter(this, "_opt_called", "_stale")),
+            optimizer.register_load_state_dict_post_hook(_flag_setter(this, "_stale")),
         ]
 
     @property
@@ -123,11 +123,8 @@ class BoundOptimizer(Optimizer):
         return views  # type: ignore[return-value]
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
+        # Never called by schedany; torch's schedulers wrap it to track step order.
         return self.optimizer.step(closure)
-
-    def mark_stale(self) -> None:
-        """The real values may have changed: re-read them on the next access."""
-        self._stale = True
 
     def detach(self) -> None:
         for hook in self._hooks:
@@ -153,21 +150,14 @@ class BoundOptimizer(Optimizer):
         return f"BoundOptimizer({self.target.name!r} of {type(self.optimizer).__name__})"
 
 
-def _after_step(proxy_ref: weakref.ref[BoundOptimizer]) -> Callable[..., None]:
-    def hook(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+def _flag_setter(proxy_ref: weakref.ref[BoundOptimizer], *flags: str) -> Callable[..., None]:
+    """An optimizer hook that sets ``flags`` on the proxy, if it is still alive."""
+
+    def hook(optimizer: Optimizer, *hook_args: Any) -> None:
         proxy = proxy_ref()
         if proxy is not None:
-            proxy._opt_called = True
-            proxy._stale = True
-
-    return hook
-
-
-def _after_load(proxy_ref: weakref.ref[BoundOptimizer]) -> Callable[..., None]:
-    def hook(optimizer: Optimizer) -> None:
-        proxy = proxy_ref()
-        if proxy is not None:
-            proxy._stale = True
+            for flag in flags:
+                setattr(proxy, flag, True)
 
     return hook
 
@@ -224,69 +214,47 @@ def arbitrary_schedule_factory(
         raise TypeError(f"schedule_factory must be callable (proxy -> scheduler), got {schedule_factory!r}")
     target = parse_target(schedule_target)
 
-    snapshot = _snapshot(optimizer)
     proxy: BoundOptimizer | None = None
-    try:
-        if default_value is not None:
-            if target.index is not None:
-                raise ValueError(
-                    f"default_value={default_value!r} cannot create the element target "
-                    f"schedule_target={target.name!r}; extend the optimizer with the whole "
-                    f"{target.key!r} value first"
-                )
-            extend_optimizer(optimizer, target.key, default_value)
-        target.validate(optimizer)
-        proxy = BoundOptimizer(optimizer, target)
+    with unchanged_on_error(optimizer):
         try:
-            scheduler = schedule_factory(proxy)
-        except ValueError as error:
-            if "cycle_momentum" in str(error):
-                raise ValueError(
-                    f"schedule_target={target.name!r}: momentum cycling (cycle_momentum=True, the "
-                    "OneCycleLR/CyclicLR default) cannot run on a bound schedule; pass "
-                    "cycle_momentum=False, and schedule the momentum key with its own schedule"
-                ) from error
+            if default_value is not None:
+                if target.index is not None:
+                    raise ValueError(
+                        f"default_value={default_value!r} cannot create the element target "
+                        f"schedule_target={target.name!r}; extend the optimizer with the whole "
+                        f"{target.key!r} value first"
+                    )
+                extend_optimizer(optimizer, target.key, default_value)
+            target.validate(optimizer)
+            proxy = BoundOptimizer(optimizer, target)
+            return _build_on(proxy, schedule_factory)
+        except BaseException:
+            if proxy is not None:
+                proxy.detach()
             raise
-        if not isinstance(scheduler, LRScheduler):
-            raise TypeError(
-                f"schedule_factory must return a torch.optim.lr_scheduler.LRScheduler, "
-                f"got {type(scheduler).__name__}: {scheduler!r}"
-            )
-        if scheduler.optimizer is not proxy:
+
+
+def _build_on(proxy: BoundOptimizer, schedule_factory: Callable[[Optimizer], LRScheduler]) -> LRScheduler:
+    """Call the user's factory on the proxy and check what it built."""
+    try:
+        scheduler = schedule_factory(proxy)
+    except ValueError as error:
+        if "cycle_momentum" in str(error):
             raise ValueError(
-                f"schedule_factory built its {type(scheduler).__name__} on "
-                f"{type(scheduler.optimizer).__name__}, not on the proxy it was given; "
-                "write it as `lambda opt: Scheduler(opt, ...)`"
-            )
-        return scheduler
-    except BaseException:
-        if proxy is not None:
-            proxy.detach()
-        _restore(optimizer, snapshot)
+                f"schedule_target={proxy.target.name!r}: momentum cycling (cycle_momentum=True, "
+                "the OneCycleLR/CyclicLR default) cannot run on a bound schedule; pass "
+                "cycle_momentum=False, and schedule the momentum key with its own schedule"
+            ) from error
         raise
-
-
-_Snapshot = tuple[dict[str, Any], list[dict[str, tuple[Any, Any]]]]
-
-
-def _snapshot(optimizer: Optimizer) -> _Snapshot:
-    """Defaults and each group's items; tensors also as a clone, since schedulers
-    fill_ them in place."""
-    groups = [
-        {k: (v, v.clone() if isinstance(v, Tensor) else None) for k, v in group.items()}
-        for group in optimizer.param_groups
-    ]
-    return dict(optimizer.defaults), groups
-
-
-def _restore(optimizer: Optimizer, snapshot: _Snapshot) -> None:
-    defaults, groups = snapshot
-    optimizer.defaults.clear()
-    optimizer.defaults.update(defaults)
-    for group, saved in zip(optimizer.param_groups, groups):
-        for key in [k for k in group if k not in saved]:
-            del group[key]
-        for key, (value, tensor_copy) in saved.items():
-            if tensor_copy is not None:
-                value.copy_(tensor_copy)
-            group[key] = value
+    if not isinstance(scheduler, LRScheduler):
+        raise TypeError(
+            f"schedule_factory must return a torch.optim.lr_scheduler.LRScheduler, "
+            f"got {type(scheduler).__name__}: {scheduler!r}"
+        )
+    if scheduler.optimizer is not proxy:
+        raise ValueError(
+            f"schedule_factory built its {type(scheduler).__name__} on "
+            f"{type(scheduler.optimizer).__name__}, not on the proxy it was given; "
+            "write it as `lambda opt: Scheduler(opt, ...)`"
+        )
+    return scheduler

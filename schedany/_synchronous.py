@@ -7,13 +7,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor
-from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
-from ._binding import BoundOptimizer, _restore, _snapshot, bound_target, real_optimizer
+from ._binding import BoundOptimizer, bound_target, real_optimizer
+from ._rollback import unchanged_on_error
 from ._targets import Target, parse_target
 
 __all__ = ["SynchronousSchedule"]
+
+
+_RAW_LR = parse_target("lr")  # what a raw torch scheduler drives
 
 
 def _as_float(value: Any) -> float:
@@ -54,40 +57,34 @@ class SynchronousSchedule(LRScheduler):
             )
         if not schedules:
             raise ValueError("SynchronousSchedule needs at least one schedule, got an empty list")
+        optimizer = real_optimizer(schedules[0]) if isinstance(schedules[0], LRScheduler) else None
         members: dict[str, LRScheduler] = {}
-        optimizer: Optimizer | None = None
+        targets: dict[str, Target] = {}
         for i, schedule in enumerate(schedules):
             if isinstance(schedule, SynchronousSchedule) or not isinstance(schedule, LRScheduler):
                 raise TypeError(
                     f"schedules[{i}] must be a torch LRScheduler (not a SynchronousSchedule), "
                     f"got {type(schedule).__name__}"
                 )
-            owner = real_optimizer(schedule)
-            if optimizer is None:
-                optimizer = owner
-            elif owner is not optimizer:
+            if real_optimizer(schedule) is not optimizer:
                 raise ValueError(
                     f"schedules[{i}] ({type(schedule).__name__}) drives a different optimizer "
                     f"than schedules[0]; a SynchronousSchedule coordinates one optimizer"
                 )
-            target = bound_target(schedule)
-            name = target.name if target is not None else "lr"
-            if name in members:
+            target = bound_target(schedule) or _RAW_LR
+            if target.name in members:
                 raise ValueError(
-                    f"two schedules drive {name!r} (schedules[{list(members).index(name)}] and "
-                    f"schedules[{i}]); give each name one schedule"
+                    f"two schedules drive {target.name!r} (schedules[{list(members).index(target.name)}] "
+                    f"and schedules[{i}]); give each name one schedule"
                 )
-            members[name] = schedule
-        assert optimizer is not None
+            members[target.name] = schedule
+            targets[target.name] = target
         self.optimizer = optimizer
         self._schedules = members
-        self._targets: dict[str, Target] = {
-            name: bound_target(s) or parse_target("lr") for name, s in members.items()
-        }
+        self._targets = targets
         self._plateau = [s for s in members.values() if isinstance(s, ReduceLROnPlateau)]
         self._others = [s for s in members.values() if not isinstance(s, ReduceLROnPlateau)]
         self.last_epoch = 0
-        self._step_count = 1
 
     @property
     def schedules(self) -> dict[str, LRScheduler]:
@@ -112,7 +109,6 @@ class SynchronousSchedule(LRScheduler):
         for schedule in self._plateau:
             schedule.step(*args, **kwargs)
         self.last_epoch += 1
-        self._step_count += 1
 
     def get_last_schedule(self, name: str) -> list[float]:
         """The last value of schedule ``name``, one per param group."""
@@ -157,15 +153,14 @@ class SynchronousSchedule(LRScheduler):
                 )
         # A member can still fail half-way (a corrupt entry, a scheduler class that
         # changed since saving): undo the members already loaded, so nothing is lost.
-        optimizer_before = _snapshot(self.optimizer)
         members_before = copy.deepcopy({name: self._member_state(name) for name in saved})
-        try:
-            last_epoch = int(state_dict["last_epoch"])
-            self._load_members(saved)
-        except BaseException:
-            self._load_members(members_before, write_values=False)
-            _restore(self.optimizer, optimizer_before)
-            raise
+        with unchanged_on_error(self.optimizer):
+            try:
+                last_epoch = int(state_dict["last_epoch"])
+                self._load_members(saved)
+            except BaseException:
+                self._load_members(members_before, write_values=False)
+                raise
         self.last_epoch = last_epoch
 
     def _load_members(self, saved: dict[str, Any], write_values: bool = True) -> None:

@@ -18,8 +18,9 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from .. import _builtins
-from .._binding import BoundOptimizer, _restore, _snapshot, arbitrary_schedule_factory
+from .._binding import BoundOptimizer, arbitrary_schedule_factory
 from .._optimizer_utils import extend_optimizer
+from .._rollback import unchanged_on_error
 from .._synchronous import SynchronousSchedule
 from .._targets import parse_target
 from ..curves import Curve
@@ -327,26 +328,25 @@ def build_schedule(
     if not isinstance(optimizer, Optimizer) or isinstance(optimizer, BoundOptimizer):
         raise TypeError(f"build_schedule: optimizer must be a torch.optim.Optimizer, got "
                         f"{type(optimizer).__name__}")
-    snapshot = _snapshot(optimizer)
     built: list[LRScheduler] = []
-    try:
-        _apply_extend(optimizer, extend, "extend")
-        for target, spec_entry in schedules.items():
-            path = f"schedules.{target}"
-            try:
-                built.append(_build_one(optimizer, spec_entry, path))
-            except ConfigError:
-                raise
-            except (KeyError, TypeError, ValueError) as exc:
-                message = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
-                message = message.removeprefix(f"schedule_target={target!r}: ").replace(
-                    "Pass default_value=... or call extend_optimizer() to add a new key.",
-                    "Declare a new key under `extend:`.")
-                raise ConfigError(path, message) from None
-        return SynchronousSchedule(built)
-    except BaseException:
-        for scheduler in built:
-            if isinstance(scheduler.optimizer, BoundOptimizer):
-                scheduler.optimizer.detach()
-        _restore(optimizer, snapshot)
-        raise
+    with unchanged_on_error(optimizer):
+        try:
+            _apply_extend(optimizer, extend, "extend")
+            for target, spec_entry in schedules.items():
+                path = f"schedules.{target}"
+                try:
+                    built.append(_build_one(optimizer, spec_entry, path))
+                except ConfigError:
+                    raise
+                except (KeyError, TypeError, ValueError) as exc:
+                    message = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+                    message = message.removeprefix(f"schedule_target={target!r}: ").replace(
+                        "Pass default_value=... or call extend_optimizer() to add a new key.",
+                        "Declare a new key under `extend:`.")
+                    raise ConfigError(path, message) from None
+            return SynchronousSchedule(built)
+        except BaseException:
+            for scheduler in built:
+                if isinstance(scheduler.optimizer, BoundOptimizer):
+                    scheduler.optimizer.detach()
+            raise
