@@ -117,8 +117,6 @@ def _schedany_calls(tokens: list[str]) -> list[list[str]]:
                 rest = ["train", *rest]
             if rest and rest[0] in SUBCOMMANDS:
                 calls.append(rest)
-        elif token == "entrypoint":
-            continue
     return calls
 
 
