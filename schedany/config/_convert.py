@@ -33,33 +33,30 @@ def as_mapping(value: Any, path: str, what: str = "a mapping") -> Mapping[str, A
     return value
 
 
-def _bounds(meta: Mapping[str, Any]) -> str:
-    if "gt" in meta:
-        return f" > {meta['gt']}"
-    if "min" in meta:
-        return f" >= {meta['min']}"
-    return ""
+def _bounded(what: str, min: float | None, gt: float | None) -> str:
+    if gt is not None:
+        return f"{what} > {gt}"
+    return f"{what} >= {min}" if min is not None else what
+
+
+def _within(value: float, min: float | None, gt: float | None) -> bool:
+    return (min is None or value >= min) and (gt is None or value > gt)
 
 
 def check_int(value: Any, path: str, *, min: int | None = None, gt: int | None = None) -> int:
-    meta = {k: v for k, v in (("min", min), ("gt", gt)) if v is not None}
-    what = "an integer" + _bounds(meta)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise expected(path, what, value)
-    if (min is not None and value < min) or (gt is not None and value <= gt):
-        raise expected(path, what, value)
+    if isinstance(value, bool) or not isinstance(value, int) or not _within(value, min, gt):
+        raise expected(path, _bounded("an integer", min, gt), value)
     return value
 
 
 def check_number(
     value: Any, path: str, *, min: float | None = None, gt: float | None = None
 ) -> float:
-    meta = {k: v for k, v in (("min", min), ("gt", gt)) if v is not None}
-    what = "a finite number" + _bounds(meta)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise expected(path, what, value)
-    if (min is not None and value < min) or (gt is not None and value <= gt):
-        raise expected(path, what, value)
+    if (
+        isinstance(value, bool) or not isinstance(value, (int, float))
+        or not math.isfinite(value) or not _within(value, min, gt)
+    ):
+        raise expected(path, _bounded("a finite number", min, gt), value)
     return value
 
 

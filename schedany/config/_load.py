@@ -3,6 +3,7 @@ and a dry build of optimizer + schedule so every mistake surfaces before a run s
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import re
@@ -13,7 +14,8 @@ from typing import Any
 import yaml
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-from ._convert import as_mapping, from_mapping
+from .._targets import is_numeric
+from ._convert import as_mapping, check_int, from_mapping
 from ._errors import ConfigError, expected, show, unknown_key
 from ._optimizer import dummy_groups, make_optimizer, parse_optimizer
 from ._schedule import build_schedule, parse_extend, parse_schedules
@@ -115,8 +117,6 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """A copy of ``data`` with each ``--set a.b=v`` applied in order. Missing
     intermediate mappings are created; the strict parse then checks every key."""
-    import copy
-
     out = copy.deepcopy(dict(data))
     for text in overrides:
         parts, value = parse_override(text)
@@ -149,8 +149,6 @@ def parse_config(data: Any) -> TrainConfig:
         name: from_mapping(cls, data.get(name), name) for name, cls in sections.items()
     }
     if "seed" in data:
-        from ._convert import check_int
-
         kwargs["seed"] = check_int(data["seed"], "seed", min=0)
     kwargs["optimizer"] = parse_optimizer(data.get("optimizer"))
     kwargs["extend"] = parse_extend(data.get("extend"))
@@ -182,16 +180,15 @@ def validate_config(config: TrainConfig) -> None:
     key = config.control_key()
     if key is not None:
         for i, group in enumerate(optimizer.param_groups):
-            value = group.get(key)
-            if value is None:
+            if key not in group:
                 raise ConfigError(
                     "control.key", f"control.kind {c.kind} reads optimizer key {key!r}, which "
                     f"is neither an optimizer argument nor in extend; add `extend: {{{key}: "
                     "...}` (and usually a schedule for it)"
                 )
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError("control.key", f"param_groups[{i}][{key!r}] is {show(value)}, "
-                                                 "not a number")
+            if not is_numeric(group[key]):
+                raise ConfigError("control.key", f"param_groups[{i}][{key!r}] is "
+                                                 f"{show(group[key])}, not a number")
 
 
 def load_config(path: str | os.PathLike[str], overrides: Iterable[str] = ()) -> TrainConfig:
@@ -204,10 +201,8 @@ def load_config(path: str | os.PathLike[str], overrides: Iterable[str] = ()) -> 
     Raises:
         ConfigError: naming the dotted path, the value and what was expected.
     """
-    data = read_yaml(path)
-    if data is None:
-        data = {}
-    data = apply_overrides(as_mapping(data, os.fspath(path), "a mapping of blocks"), overrides)
+    data = as_mapping(read_yaml(path), os.fspath(path), "a mapping of blocks")  # empty file: {}
+    data = apply_overrides(data, overrides)
     config = parse_config(data)
     validate_config(config)
     return config

@@ -100,6 +100,8 @@ def make_optimizer(section: OptimizerSection, groups: Sequence[dict[str, Any]],
     allowed = set(_arguments(cls))
     final = []
     for group in groups:
+        # no_decay's default weight_decay=0 is dropped for optimizers without the
+        # argument (Rprop, SparseAdam), which would otherwise reject the group.
         group = {k: v for k, v in group.items() if k in ("params", "name") or k in allowed}
         name = group.get("name")
         if section.param_groups is not None and name in section.param_groups:
