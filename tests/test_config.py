@@ -148,7 +148,7 @@ BAD_SPECS = [
     ({"schedules": {"betas[5]": {"curve": "constant_schedule", "value": 1.0}}},
      r"^schedules\.betas\[5\]: index 5 is out of range"),
     ({"schedules": {"betas[x]": {"curve": "constant_schedule", "value": 1.0}}},
-     r"^schedules\.betas\[x\]: .*malformed"),
+     r"^schedules\.betas\[x\]: is malformed; write one element"),
     ({"schedules": {"lr": {"scheduler": "OneCycleLR", "max_lr": 1.0, "total_steps": 10}}},
      r"^schedules\.lr: momentum cycling.*cycle_momentum=False"),
     ({"schedules": {"lr": {"scheduler": "StepLR", "step_size": 2, "gamma": "x"}}},

@@ -113,12 +113,14 @@ def _scheduler_names() -> list[str]:
 
 
 def _check_signature(func: Callable[..., Any], args: Mapping[str, Any], path: str,
-                     what: str, skip: tuple[str, ...]) -> None:
+                     what: str, skip: tuple[str, ...]) -> dict[str, inspect.Parameter]:
+    """Refuse unknown, missing and schedany-owned arguments; returns the settable ones."""
+    signature = inspect.signature(func).parameters
     params = {
-        n: p for n, p in inspect.signature(func).parameters.items()
+        n: p for n, p in signature.items()
         if n not in skip and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     }
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(func).parameters.values())
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.values())
     for key in args:
         if key in skip:
             raise ConfigError(f"{path}.{key}", f"is set by schedany, not by the spec ({what})")
@@ -127,6 +129,7 @@ def _check_signature(func: Callable[..., Any], args: Mapping[str, Any], path: st
     for n, p in params.items():
         if p.default is p.empty and n not in args:
             raise ConfigError(f"{path}.{n}", f"required by {what} but missing")
+    return params
 
 
 def parse_schedules(data: Any, path: str = "schedules") -> dict[str, ScheduleSpec]:
@@ -140,7 +143,9 @@ def parse_schedules(data: Any, path: str = "schedules") -> dict[str, ScheduleSpe
         try:
             parse_target(target, where)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(where, str(exc).split(": ", 1)[-1]) from None
+            # The message starts with `where` (and the key); the ConfigError path says it.
+            message = str(exc).removeprefix(f"{where}={target!r} ").removeprefix(f"{where} ")
+            raise ConfigError(where, message) from None
         specs[target] = _parse_entry(target, entry, where)
     return specs
 
@@ -160,11 +165,11 @@ def _parse_entry(target: str, entry: Any, path: str) -> ScheduleSpec:
         if not isinstance(name, str) or name not in curve_names():
             raise _unknown_name(f"{path}.curve", name, curve_names(),
                                 "a built-in or registered curve")
-        func = BUILTIN_CURVES.get(name) or _REGISTRY[name]
-        skip = _BOUND_ARGS if name in BUILTIN_CURVES else ()
-        _check_signature(func, args, path, f"curve {name!r}", skip)
         if name in BUILTIN_CURVES:
+            _check_signature(BUILTIN_CURVES[name], args, path, f"curve {name!r}", _BOUND_ARGS)
             _check_builtin_args(args, path)
+        else:
+            _check_signature(_REGISTRY[name], args, path, f"curve {name!r}", ())
     else:
         names = _scheduler_names()
         if isinstance(name, str) and name in _NOT_FROM_A_FILE:
@@ -173,10 +178,8 @@ def _parse_entry(target: str, entry: Any, path: str) -> ScheduleSpec:
         if not isinstance(name, str) or name not in names:
             raise _unknown_name(f"{path}.scheduler", name, names,
                                 "a class of torch.optim.lr_scheduler")
-        cls = getattr(lr_scheduler, name)
-        _check_signature(cls.__init__, args, path, f"torch.optim.lr_scheduler.{name}",
-                         ("self", "optimizer"))
-        params = inspect.signature(cls.__init__).parameters
+        params = _check_signature(getattr(lr_scheduler, name).__init__, args, path,
+                                  f"torch.optim.lr_scheduler.{name}", ("self", "optimizer"))
         for key, value in args.items():
             _check_annotated(value, params[key].annotation, f"{path}.{key}")
     return ScheduleSpec(target=target, kind=kind, name=name, args=dict(args))
@@ -252,6 +255,20 @@ def parse_extend(data: Any, path: str = "extend") -> dict[str, float]:
 
 
 def _build_one(optimizer: Optimizer, spec: ScheduleSpec, path: str) -> LRScheduler:
+    """Build one member; the library's own errors become ConfigErrors at ``path``."""
+    try:
+        return _construct(optimizer, spec, path)
+    except ConfigError:
+        raise
+    except (KeyError, TypeError, ValueError) as exc:
+        message = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+        message = message.removeprefix(f"schedule_target={spec.target!r}: ").replace(
+            "Pass default_value=... or call extend_optimizer() to add a new key.",
+            "Declare a new key under `extend:`.")
+        raise ConfigError(path, message) from None
+
+
+def _construct(optimizer: Optimizer, spec: ScheduleSpec, path: str) -> LRScheduler:
     if spec.kind == "curve" and spec.name in BUILTIN_CURVES:
         return BUILTIN_CURVES[spec.name](optimizer, schedule_target=spec.target, **spec.args)
     if spec.kind == "curve":
@@ -332,18 +349,8 @@ def build_schedule(
     with unchanged_on_error(optimizer):
         try:
             _apply_extend(optimizer, extend, "extend")
-            for target, spec_entry in schedules.items():
-                path = f"schedules.{target}"
-                try:
-                    built.append(_build_one(optimizer, spec_entry, path))
-                except ConfigError:
-                    raise
-                except (KeyError, TypeError, ValueError) as exc:
-                    message = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
-                    message = message.removeprefix(f"schedule_target={target!r}: ").replace(
-                        "Pass default_value=... or call extend_optimizer() to add a new key.",
-                        "Declare a new key under `extend:`.")
-                    raise ConfigError(path, message) from None
+            for target, entry in schedules.items():
+                built.append(_build_one(optimizer, entry, f"schedules.{target}"))
             return SynchronousSchedule(built)
         except BaseException:
             for scheduler in built:
