@@ -109,11 +109,11 @@ def _validate(args: argparse.Namespace) -> int:
     import yaml
 
     from .config import config_to_dict, load_config
-    from .job.build import trace_schedule
+    from .preview import trace
 
     config = load_config(args.config, args.overrides)
     steps = config.train.steps
-    labels, values = trace_schedule(config)
+    labels, values = trace(config)
     marks = sorted({1, max(1, steps // 4), max(1, steps // 2), max(1, 3 * steps // 4), steps})
     print(f"{args.config}: valid")
     opt = config.optimizer
@@ -131,13 +131,13 @@ def _validate(args: argparse.Namespace) -> int:
     t = config.train
     print(f"train      {steps} optimizer steps, micro-batch {t.micro_batch_size}, strategy "
           f"{config.distributed.strategy}, checkpoints "
-          f"{t.checkpoint_dir if t.checkpoint_dir else 'off'}, logs {t.log_dir or 'off'}")
+          f"{t.checkpoint_dir or 'off'}, logs {t.log_dir or 'off'}")
     print("schedules")
     for name, spec in config.schedules.items():
         print(f"  {name}: {spec.kind} {spec.name}({_kwargs(spec.args)})")
     header = ["key", "group"] + [f"step {m}" for m in marks]
     rows = [
-        [name, label] + [_short(values[name][m - 1][g]) for m in marks]
+        [name, label] + [f"{values[name][m - 1][g]:.6g}" for m in marks]
         for name in values for g, label in enumerate(labels)
     ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -151,10 +151,6 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _kwargs(kwargs: dict[str, Any]) -> str:
     return ", ".join(f"{k}={list(v) if isinstance(v, tuple) else v}" for k, v in kwargs.items())
-
-
-def _short(value: float) -> str:
-    return f"{value:.6g}"
 
 
 def _is_rank0() -> bool:

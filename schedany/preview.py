@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from .config import ConfigError, TrainConfig, load_config
+from .config._convert import check_int
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["ScheduleTrace", "plot_trace", "preview_command", "table_steps", "trace", "format_table"]
+__all__ = ["ScheduleTrace", "format_table", "plot_trace", "preview_command", "table_steps", "trace"]
 
 _PANEL_HEIGHT_IN = 2.0
 _FIGURE_WIDTH_IN = 8.0
@@ -53,9 +54,7 @@ def trace(config: TrainConfig, steps: int | None = None, *, tensorboard: str | N
     from .integrations.tensorboard import group_labels
     from .job.build import build_run
 
-    steps = config.train.steps if steps is None else steps
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ConfigError("--steps", f"expected an integer >= 1, got {steps!r}")
+    steps = config.train.steps if steps is None else check_int(steps, "--steps", min=1)
     optimizer, schedule = build_run(config)
     logger = None
     if tensorboard is not None:
