@@ -37,8 +37,8 @@ def local_grads(model: nn.Module) -> list[Tensor]:
         ]
 
 
-def _norms(tensors: list[Tensor], ord: float = 2.0, device: torch.device | None = None) -> Tensor:
-    """Per-tensor norms as one float64 vector on ``device`` (default: the first tensor's),
+def _norms(tensors: list[Tensor], device: torch.device | None = None) -> Tensor:
+    """Per-tensor 2-norms as one float64 vector on ``device`` (default: the first tensor's),
     computed with ``_foreach_norm`` per device and dtype."""
     device = device or (tensors[0].device if tensors else torch.device("cpu"))
     if not tensors:
@@ -46,9 +46,11 @@ def _norms(tensors: list[Tensor], ord: float = 2.0, device: torch.device | None 
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
     for i, t in enumerate(tensors):
         groups[(t.device, t.dtype)].append(i)
+    if len(groups) == 1:  # the usual case: no scatter back into input order
+        return torch.stack(torch._foreach_norm(tensors)).to(device=device, dtype=torch.float64)
     out = torch.empty(len(tensors), dtype=torch.float64, device=device)
     for indices in groups.values():
-        norms = torch._foreach_norm([tensors[i] for i in indices], ord)
+        norms = torch._foreach_norm([tensors[i] for i in indices])
         out[indices] = torch.stack(norms).to(device=device, dtype=torch.float64)
     return out
 
@@ -89,11 +91,16 @@ def squared_norms(model: nn.Module, plain_grads_sharded: bool) -> tuple[Tensor, 
                 replicated.append(g)
         first = sharded[0] if sharded else replicated[0] if replicated else None
         device = torch.device("cpu") if first is None else first.device  # both parts here
-        w = torch.tensor(weights, dtype=torch.float64, device=device)
-        return (
-            (_norms(sharded, device=device).square() * w).sum(),
-            _norms(replicated, device=device).square().sum(),
-        )
+        return _sum_of_squares(sharded, weights, device), _sum_of_squares(replicated, None, device)
+
+
+def _sum_of_squares(tensors: list[Tensor], weights: list[float] | None, device: torch.device) -> Tensor:
+    if not tensors:  # skip the kernels: plain/DDP models have no sharded part, FSDP2 no other
+        return torch.zeros((), dtype=torch.float64, device=device)
+    squares = _norms(tensors, device=device).square()
+    if weights is not None and any(w != 1.0 for w in weights):
+        squares = squares * torch.tensor(weights, dtype=torch.float64, device=device)
+    return squares.sum()
 
 
 def all_finite(grads: list[Tensor]) -> bool:

@@ -27,7 +27,7 @@ from ._comm import DataParallelGroup
 from ._grad_sync import GradientSync
 from ._grads import all_finite, divide_, local_grads
 
-__all__ = ["AccumulationController", "read_scheduled_value"]
+__all__ = ["AccumulationController", "check_optional_count", "read_scheduled_value"]
 
 Mode = Literal["micro_batch", "num_items"]
 _STATE_KEYS = frozenset({"controller", "mode", "optimizer_steps", "dropped_batches"})
@@ -59,6 +59,16 @@ def read_scheduled_value(optimizer: Optimizer, key: str, owner: str) -> float:
     if math.isnan(value):
         raise ValueError(f"{owner}: the scheduled {key!r} is nan (max over param groups)")
     return value
+
+
+def check_optional_count(value: Any, name: str, owner: str) -> None:
+    """Reject ``value`` unless it is ``None`` or an ``int >= 1`` (a bool is no int here)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner}: {name} must be an int or None, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{owner}: {name} must be >= 1, got {value}")
 
 
 class AccumulationController:
@@ -224,6 +234,14 @@ class AccumulationController:
     @property
     def _distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def _mean_divisor(self) -> float:
+        """What turns the accumulated ``.grad`` into the mean: ``N / W`` with num_items
+        (DDP/FSDP already averaged over the ``W`` ranks), else the micro-step count."""
+        if self._mode == "num_items":
+            return self._items / self.world_size
+        return float(self._micro_steps)
 
     @property
     def _where(self) -> str:

@@ -10,7 +10,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from ._grads import squared_norms
-from ._protocol import AccumulationController, read_scheduled_value
+from ._protocol import AccumulationController, check_optional_count, read_scheduled_value
 
 __all__ = ["GradientNormThreshold"]
 
@@ -78,18 +78,9 @@ class GradientNormThreshold(AccumulationController):
         max_accumulation_steps: int | None = None,
         process_group: Any | None = None,
     ) -> None:
-        if max_accumulation_steps is not None and (
-            isinstance(max_accumulation_steps, bool) or not isinstance(max_accumulation_steps, int)
-        ):
-            raise TypeError(
-                "GradientNormThreshold: max_accumulation_steps must be an int or None, "
-                f"got {max_accumulation_steps!r}"
-            )
-        if max_accumulation_steps is not None and max_accumulation_steps < 1:
-            raise ValueError(
-                "GradientNormThreshold: max_accumulation_steps must be >= 1, "
-                f"got {max_accumulation_steps}"
-            )
+        check_optional_count(
+            max_accumulation_steps, "max_accumulation_steps", "GradientNormThreshold"
+        )
         super().__init__(model, optimizer, key, process_group)
         self.max_accumulation_steps = max_accumulation_steps
         self._threshold = math.nan
@@ -115,11 +106,9 @@ class GradientNormThreshold(AccumulationController):
             # Same numbers summed in the same order: every rank gets the same bits.
             sum_of_squares = math.fsum(rows[:, 0].tolist()) + float(rows[0, 1])
         else:
-            total, sum_of_squares = items or 0, float(sharded) + float(replicated)
-        per_item = self._mode == "num_items"
-        self._items = self._items + total if per_item else self._micro_steps
-        # DDP/FSDP averaged S_k over ranks; N/W turns that average into the item mean.
-        divisor = self._items / self.world_size if per_item else float(self._micro_steps)
+            total, sum_of_squares = items or 0, float(sharded + replicated)  # one host sync
+        self._items = self._items + total if self._mode == "num_items" else self._micro_steps
+        divisor = self._mean_divisor
         limit = self.max_accumulation_steps
         at_limit = limit is not None and self._micro_steps >= limit
         if not math.isfinite(sum_of_squares):

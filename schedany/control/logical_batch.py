@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from ._protocol import AccumulationController, Mode, read_scheduled_value
+from ._protocol import AccumulationController, Mode, check_optional_count, read_scheduled_value
 
 __all__ = ["LogicalBatchSize"]
 
@@ -77,16 +77,7 @@ class LogicalBatchSize(AccumulationController):
         micro_batch_size: int | None = None,
         process_group: Any | None = None,
     ) -> None:
-        if micro_batch_size is not None and (
-            isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int)
-        ):
-            raise TypeError(
-                f"LogicalBatchSize: micro_batch_size must be an int or None, got {micro_batch_size!r}"
-            )
-        if micro_batch_size is not None and micro_batch_size < 1:
-            raise ValueError(
-                f"LogicalBatchSize: micro_batch_size must be >= 1, got {micro_batch_size}"
-            )
+        check_optional_count(micro_batch_size, "micro_batch_size", "LogicalBatchSize")
         super().__init__(model, optimizer, key, process_group)
         self.micro_batch_size = micro_batch_size
         self._target = math.nan
@@ -134,6 +125,4 @@ class LogicalBatchSize(AccumulationController):
         self._micro_steps += 1
         self._items = self._items_after
         if self._closing:
-            per_item = self._mode == "num_items"
-            # DDP/FSDP averaged over ranks, so N/W turns that average into the item mean.
-            self._close(self._items / self.world_size if per_item else self._micro_steps, None)
+            self._close(self._mean_divisor, None)
