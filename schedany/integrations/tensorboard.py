@@ -157,7 +157,6 @@ class ScheduleLogger:
         self.every_n_steps = every_n_steps
         self._tags = schedule_tags(schedule)  # validates group labels on every rank alike
         self._num_groups = len(schedule.optimizer.param_groups)
-        self._control_tags: dict[str, str] = {}
         self._record: _FastRecord | _EventRecord | None = None  # built on the first write
         self._layout_written = False
         self._owns_writer = writer is None
@@ -197,11 +196,7 @@ class ScheduleLogger:
         self._write_schedule(file_writer, step, walltime)
         extras: list[tuple[str, float]] = []
         if self.controller is not None:
-            for metric, value in self.controller.metrics().items():
-                tag = self._control_tags.get(metric)
-                if tag is None:
-                    tag = self._control_tags[metric] = f"control/{metric}"
-                extras.append((tag, value))
+            extras.extend((f"control/{metric}", v) for metric, v in self.controller.metrics().items())
         if scalars:
             extras.extend(scalars.items())
         if extras:
