@@ -32,23 +32,20 @@ from torch.optim import Optimizer
 
 from .._synchronous import SynchronousSchedule
 from ._tune_restore import rebuild_at_step
+from .tensorboard import schedule_tags
 
 __all__ = ["report", "restore", "schedule_metrics"]
 
 
-def _labels(optimizer: Optimizer) -> list[str]:
-    return [str(g["name"]) if g.get("name") is not None else f"pg{i}"
-            for i, g in enumerate(optimizer.param_groups)]
-
-
 def schedule_metrics(schedule: SynchronousSchedule, controller: Any = None) -> dict[str, float]:
     """``schedule/<key>/<group>`` for every scheduled key and param group (the
-    TensorBoard tags of SPEC section 7), and ``control/<metric>`` for a controller."""
-    labels = _labels(schedule.optimizer)
+    TensorBoard tags of SPEC section 7), and ``control/<metric>`` for a controller.
+    Two groups with the same label are a ``ValueError``, as in
+    :class:`~schedany.integrations.tensorboard.ScheduleLogger`."""
     out = {
-        f"schedule/{name}/{label}": value
-        for name in schedule.schedule_names
-        for label, value in zip(labels, schedule.get_last_schedule(name))
+        tag: value
+        for name, tags in schedule_tags(schedule).items()
+        for tag, value in zip(tags, schedule.get_last_schedule(name))
     }
     if controller is not None:
         out.update({f"control/{k}": float(v) for k, v in controller.metrics().items()})
