@@ -38,16 +38,15 @@ class Connection:
     num_cpus: float
 
 
-def parse_address(address: str) -> tuple[str, int] | None:
+def parse_address(address: str, where: str = "--address") -> tuple[str, int] | None:
     """``(host, port)`` of a ``host:port`` / ``ray://host:port`` address, ``None`` for
-    ``auto``; a :class:`~schedany.config.ConfigError` (a bad argument) for anything else."""
+    ``auto``; a :class:`~schedany.config.ConfigError` naming ``where`` (a bad argument)
+    for anything else."""
     if address == "auto":
         return None
     match = _HOST_PORT.match(address.strip())
     if match is None or not 0 < int(match["port"]) < 65536:
-        raise ConfigError(
-            "--address", f"expected 'auto', HOST:PORT or ray://HOST:PORT, got {address!r}"
-        )
+        raise ConfigError(where, f"expected 'auto', HOST:PORT or ray://HOST:PORT, got {address!r}")
     return match["host"].strip("[]"), int(match["port"])
 
 
@@ -79,11 +78,14 @@ def ray_session(
     only disconnects this driver. ``num_cpus`` sizes a local Ray (default: this
     machine's cores); it is ignored for a cluster. ``env_vars`` are set in every
     worker of this job (a cluster's workers do not see this process's environment).
+    A malformed ``address`` (or ``RAY_ADDRESS``) is a
+    :class:`~schedany.config.ConfigError`, raised before Ray is imported.
     """
+    where = "--address"
     if address is None:
-        address = os.environ.get("RAY_ADDRESS") or None
+        address, where = os.environ.get("RAY_ADDRESS") or None, "RAY_ADDRESS"
     if address is not None:
-        hostport = parse_address(address)
+        hostport = parse_address(address, where)
         if hostport is not None:
             _probe(*hostport, address, probe_timeout_s)
     import ray  # after the probe: a wrong address fails before this slow import

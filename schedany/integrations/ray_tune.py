@@ -28,7 +28,7 @@ import yaml
 
 from ..config import ConfigError, config_to_dict
 from ._sweep import ResourcesSection, Sweep, TuneSection, load_sweep, resolve_trial_config
-from ._tune_cluster import ClusterError, Connection, parse_address, ray_session
+from ._tune_cluster import ClusterError, Connection, ray_session
 from ._tune_schedulers import LegalExplore, make_scheduler
 from ._tune_space import Distribution, parse_search
 from ._tune_trial import LOG_SUBDIR, TrialSettings, job_folder, run_trial
@@ -207,13 +207,6 @@ def tune_command(sweep_path: str, address: str | None, num_samples: int | None) 
     CLI turns it into exit code 2), before Ray is started.
     """
     sweep = load_sweep(sweep_path, num_samples)
-    if address is not None:
-        parse_address(address)
-    elif os.environ.get("RAY_ADDRESS"):
-        try:
-            parse_address(os.environ["RAY_ADDRESS"])
-        except ConfigError as exc:
-            raise ConfigError("RAY_ADDRESS", exc.reason) from None
     try:
         results, connection = run_sweep(sweep, address)
     except ClusterError as exc:
