@@ -19,7 +19,6 @@ sweep file (``search.schedules.lr.num_warmup_stepz: ...``).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import Any, Literal
 from ..config import ConfigError, TrainConfig, parse_config, read_yaml, validate_config
 from ..config._convert import as_mapping, from_mapping
 from ..config._errors import unknown_key
+from ..config._load import BLOCKS
 from ._tune_space import Distribution, parse_search
 
 __all__ = [
@@ -42,7 +42,6 @@ __all__ = [
     "set_path",
 ]
 
-REPORTED_METRICS = ("eval/loss", "train/loss")
 # PBT restores a donor's model and optimizer state into the explored config, so only
 # what the optimizer and schedules read may change; a new model shape or data stream
 # would not fit the donor's checkpoint.
@@ -102,8 +101,8 @@ class ResourcesSection:
 class TuneSection:
     """``tune:`` — how the sweep runs."""
 
-    metric: str = "eval/loss"
-    """What trials are ranked by: ``eval/loss`` or ``train/loss``."""
+    metric: Literal["eval/loss", "train/loss"] = "eval/loss"
+    """What trials are ranked by (the losses every trial reports)."""
     mode: Literal["min", "max"] = "min"
     """Whether lower or higher ``metric`` is better."""
     num_samples: int = field(default=1, metadata={"min": 1})
@@ -186,9 +185,9 @@ def _check_space(base: dict[str, Any], space: dict[str, Distribution], block: st
     for path, dist in space.items():
         where = f"{block}.{path}"
         head = path.split(".")[0]
-        if head not in _blocks():
+        if head not in BLOCKS:
             raise ConfigError(where, f"unknown config path: {head!r} is not a block of a "
-                              f"train config ({', '.join(_blocks())})")
+                              f"train config ({', '.join(BLOCKS)})")
         for value in dist.probes():
             data = copy.deepcopy(base)
             data.setdefault(head, {} if "." in path else None)
@@ -201,10 +200,6 @@ def _check_space(base: dict[str, Any], space: dict[str, Distribution], block: st
                 raise ConfigError(
                     where, f"{dist.kind} value {value!r} does not fit the base config: {exc}"
                 ) from None
-
-
-def _blocks() -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(TrainConfig))
 
 
 def _check_pbt(sweep: Sweep) -> None:
@@ -295,9 +290,6 @@ def load_sweep(path: str | os.PathLike[str], num_samples: int | None = None) -> 
     tune.pbt.mutations = raw_mutations
     if num_samples is not None:
         tune.num_samples = num_samples
-    if tune.metric not in REPORTED_METRICS:
-        raise ConfigError("tune.metric", f"expected one of {', '.join(REPORTED_METRICS)}, "
-                          f"got {tune.metric!r}")
     mutations = search
     if tune.pbt.mutations is not None:
         mutations = parse_search(tune.pbt.mutations, "tune.pbt.mutations")
