@@ -226,13 +226,18 @@ def test_bad_sweep_exits_2_through_the_cli(workdir: Path, capsys: pytest.Capture
     assert "no such file" in capsys.readouterr().err
 
 
-def test_address_parsing_and_fast_failure() -> None:
+def test_address_parsing_and_fast_failure(monkeypatch: pytest.MonkeyPatch) -> None:
     assert parse_address("auto") is None
     assert parse_address("127.0.0.1:6379") == ("127.0.0.1", 6379)
     assert parse_address("ray://head.example:10001") == ("head.example", 10001)
     for bad in ("localhost", "host:99999", "http://x:1", ""):
         with pytest.raises(ConfigError, match="--address: expected 'auto', HOST:PORT"):
             parse_address(bad)
+    monkeypatch.setenv("RAY_ADDRESS", "localhost")
+    with pytest.raises(ConfigError, match="^RAY_ADDRESS: expected 'auto', HOST:PORT"):
+        with ray_session(None):
+            pass
+    monkeypatch.delenv("RAY_ADDRESS")
     start = time.monotonic()
     with pytest.raises(ClusterError, match=r"cannot reach a Ray cluster at 127\.0\.0\.1:"):
         with ray_session(f"127.0.0.1:{free_port()}"):
