@@ -125,7 +125,10 @@ class Trainer:
             world_size=world,
         )
         self.step = 0
-        self._window = torch.zeros(2, dtype=torch.float64, device=self.device)
+        # Train loss since the last report: the summed loss stays on the device (no sync
+        # per micro-step); token counts are CPU ints already (Batch.num_tokens).
+        self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._tokens = 0
 
     # --- one optimizer step ----------------------------------------------------------
 
@@ -133,7 +136,9 @@ class Trainer:
         """Run micro-batches until the controller is ready, step the optimizer, record
         the values this step used, then step the schedule. Returns that record."""
         ctl, model = self.controller, self.model
-        micro_steps, dropped_in_a_row = 0, 0
+        # Every batch this step drops comes before its one ready batch: drops in a row.
+        dropped_before = 0.0 if ctl is None else ctl.metrics()["dropped_batches"]
+        micro_steps = 0
         while True:
             batch = next(self.sampler).to(self.device, non_blocking=True)
             micro_steps += 1
@@ -141,21 +146,19 @@ class Trainer:
                 total, n = lm_loss(model, batch, "sum")
                 (total / n).backward()
             else:
-                dropped_before = ctl.metrics()["dropped_batches"]
                 with ctl.accumulate(num_items=batch.num_tokens if self.per_token else None):
                     total, n = lm_loss(model, batch, "sum")
                     (total if self.per_token else total / n).backward()
-                if ctl.metrics()["dropped_batches"] != dropped_before:
-                    dropped_in_a_row += 1
-                    if dropped_in_a_row >= _MAX_DROPPED_IN_A_ROW:
-                        raise FloatingPointError(
-                            f"{dropped_in_a_row} logical batches in a row had non-finite "
-                            f"gradients at optimizer step {self.step + 1}; training diverged"
-                        )
-            self._window[0] += total.detach().to(torch.float64)
-            self._window[1] += n
+            self._loss_sum += total.detach()
+            self._tokens += n
             if ctl is None or ctl.ready:
                 break
+            dropped_in_a_row = int(ctl.metrics()["dropped_batches"] - dropped_before)
+            if dropped_in_a_row >= _MAX_DROPPED_IN_A_ROW:
+                raise FloatingPointError(
+                    f"{dropped_in_a_row} logical batches in a row had non-finite "
+                    f"gradients at optimizer step {self.step + 1}; training diverged"
+                )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -192,11 +195,13 @@ class Trainer:
 
     def take_train_loss(self) -> float:
         """Mean per-token train loss since the last call, over all ranks."""
-        window = self._window.clone()
-        self._window.zero_()
+        window = torch.stack([self._loss_sum, self._loss_sum.new_tensor(float(self._tokens))])
+        self._loss_sum.zero_()
+        self._tokens = 0
         if dist.is_initialized():
             dist.all_reduce(window)
-        return float(window[0] / window[1]) if window[1] > 0 else math.nan
+        loss_sum, tokens = window.tolist()  # one host sync
+        return loss_sum / tokens if tokens > 0 else math.nan
 
     # --- checkpoints -----------------------------------------------------------------------
 
@@ -302,7 +307,9 @@ class Trainer:
                 self.schedule, self.controller, log_dir=str(log_dir),
                 purge_step=None if resumed_from is None else resumed_from + 1,
             )
-        labels = _group_labels(self.optimizer)
+        from ..integrations.tensorboard import schedule_tags  # torch only, no tensorboard
+
+        tags = schedule_tags(self.schedule)  # after resume(), which may replace the schedule
         train_loss = eval_loss = None
         last_checkpoint = resumed
         try:
@@ -343,7 +350,7 @@ class Trainer:
                         logger.flush()
                     saved = last_checkpoint = self.save_checkpoint()
                 if scalars and self.report is not None and rank0:
-                    flat = _flatten(record, labels)
+                    flat = _flatten(record, tags)
                     self.report({"global_step": float(step), **scalars, **flat}, saved)
                 _maybe_inject_fault(step, self.env.rank, cfg.checkpoint_dir)
             if eval_loss is None:
@@ -357,14 +364,10 @@ class Trainer:
         return TrainResult(self.step, train_loss, eval_loss, resumed_from, last_checkpoint)
 
 
-def _group_labels(optimizer: torch.optim.Optimizer) -> list[str]:
-    return [str(g["name"]) if g.get("name") is not None else f"pg{i}"
-            for i, g in enumerate(optimizer.param_groups)]
-
-
-def _flatten(record: dict[str, Any], labels: list[str]) -> dict[str, float]:
-    out = {f"schedule/{key}/{label}": float(v)
-           for key, values in record["schedule"].items() for label, v in zip(labels, values)}
+def _flatten(record: dict[str, Any], tags: dict[str, list[str]]) -> dict[str, float]:
+    """``record`` under the TensorBoard tags (``schedule/<key>/<group>``, ``control/<m>``)."""
+    out = {tag: float(v)
+           for key, values in record["schedule"].items() for tag, v in zip(tags[key], values)}
     out.update({f"control/{k}": float(v) for k, v in record.get("control", {}).items()})
     return out
 
