@@ -96,17 +96,10 @@ def trace_schedule(config: TrainConfig, steps: int | None = None) -> tuple[list[
     Returns ``(group_labels, values)`` where ``values[key][s - 1]`` holds one value per
     param group for optimizer step ``s`` (``1 <= s <= steps``; default
     ``train.steps``), the same numbers the trainer records in ``metrics.jsonl``.
-    Group labels are each group's ``name``, else ``pg<i>``.
+    Group labels are each group's ``name``, else ``pg<i>``. The same trace as
+    :func:`schedany.preview.trace` (which this calls), as a plain pair.
     """
-    steps = config.train.steps if steps is None else steps
-    optimizer, schedule = build_run(config)
-    labels = [str(g["name"]) if g.get("name") is not None else f"pg{i}"
-              for i, g in enumerate(optimizer.param_groups)]
-    names = schedule.schedule_names
-    values: dict[str, list[list[float]]] = {name: [] for name in names}
-    for _ in range(steps):
-        optimizer.step()  # no gradients: only tells the schedulers the order is right
-        for name in names:
-            values[name].append(schedule.get_last_schedule(name))
-        schedule.step()
-    return labels, values
+    from ..preview import trace
+
+    groups, values = trace(config, steps)
+    return groups, values
