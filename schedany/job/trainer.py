@@ -292,8 +292,10 @@ class Trainer:
         resumed = self.resume()
         resumed_from = self.step if resumed else None
         rank0 = is_rank0()
+        from ..integrations.tensorboard import schedule_tags  # torch only, no tensorboard
         from ._console import Console, MetricsFile
 
+        tags = schedule_tags(self.schedule)  # after resume(), which may replace the schedule
         console = Console(cfg.progress, cfg.steps, self.step, rank0)
         metrics_file = logger = None
         if rank0 and cfg.log_dir is not None:
@@ -307,9 +309,6 @@ class Trainer:
                 self.schedule, self.controller, log_dir=str(log_dir),
                 purge_step=None if resumed_from is None else resumed_from + 1,
             )
-        from ..integrations.tensorboard import schedule_tags  # torch only, no tensorboard
-
-        tags = schedule_tags(self.schedule)  # after resume(), which may replace the schedule
         train_loss = eval_loss = None
         last_checkpoint = resumed
         try:
