@@ -7,7 +7,7 @@ like the job's (same param groups, same keys), without building the model.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from torch import nn
 from torch.optim import Optimizer
@@ -15,6 +15,7 @@ from torch.optim import Optimizer
 from .._synchronous import SynchronousSchedule
 from ..config import TrainConfig, build_schedule, make_optimizer
 from ..config._optimizer import dummy_groups
+from ..control import GradientNormThreshold, LogicalBatchSize
 from . import model as model_lib
 
 __all__ = [
@@ -27,9 +28,8 @@ __all__ = [
     "trace_schedule",
 ]
 
-Controller = Any
-"""A :class:`~schedany.control.LogicalBatchSize`, a
-:class:`~schedany.control.GradientNormThreshold`, or ``None`` (``control.kind: none``)."""
+Controller = LogicalBatchSize | GradientNormThreshold | None
+"""What :func:`build_controller` returns; ``None`` for ``control.kind: none``."""
 
 
 class Run(NamedTuple):
@@ -80,8 +80,6 @@ def build_controller(config: TrainConfig, model: nn.Module, optimizer: Optimizer
     key = config.control_key()
     if control.kind == "none" or key is None:
         return None
-    from ..control import GradientNormThreshold, LogicalBatchSize
-
     if control.kind == "logical_batch":
         micro = config.train.micro_batch_size if control.items == "samples" else None
         return LogicalBatchSize(model, optimizer, key=key, micro_batch_size=micro)
