@@ -368,7 +368,6 @@ def test_single_process_strategy_resolution() -> None:
     teardown()  # no group: a no-op
 
 
-
 def test_agent_store_group_keys_live_under_the_restart_count(monkeypatch) -> None:
     # pytorch/pytorch#135712: a restarted group must not read the last attempt's keys.
     agent = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
@@ -383,6 +382,7 @@ def test_agent_store_group_keys_live_under_the_restart_count(monkeypatch) -> Non
     finally:
         teardown()
     assert keys and all(key.startswith("/schedany/attempt_2/") for key in keys), keys
+
 
 def _dcp_round_trip(env, strategy: str, root: Path, corpus: Corpus) -> None:
     def make(seed: int, threshold: float | None, weight_decay: float = 0.3):
