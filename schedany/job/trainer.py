@@ -101,8 +101,9 @@ class Trainer:
         torch.manual_seed(config.seed)
         random.seed(config.seed)
 
+        model = build_model(config)
         try:
-            self.model = wrap_model(build_model(config), config.distributed.strategy, self.env)
+            self.model = wrap_model(model, config.distributed.strategy, self.env)
         except ValueError as exc:  # strategy vs launch mismatch
             raise ConfigError("distributed.strategy", str(exc).split(": ", 1)[-1]) from None
         self.optimizer, self.schedule = build_run(config, self.model)
