@@ -373,8 +373,8 @@ def _flatten(record: dict[str, Any], tags: dict[str, list[str]]) -> dict[str, fl
 
 
 def _headline(record: dict[str, Any]) -> dict[str, float]:
-    """The values a progress line shows: each scheduled key's first group, the
-    micro-steps of the step, and the controller's target."""
+    """The values a progress line shows: each scheduled key's first group (the
+    controller's target among them) and the micro-steps of the step."""
     out = {key: values[0] for key, values in record["schedule"].items()}
     out["micro_steps"] = float(record["micro_steps"])
     return out
