@@ -301,6 +301,19 @@ def test_max_over_param_groups_is_the_target() -> None:
     assert not ctl.ready and ctl.metrics()["target"] == 8
 
 
+def test_grad_norm_spans_parameters_of_mixed_dtypes() -> None:
+    """Norms are taken per (device, dtype) group; the groups still add up to one norm."""
+    torch.manual_seed(0)
+    model = nn.ModuleList([nn.Linear(3, 2).to(F64), nn.Linear(3, 5), nn.Linear(5, 1).to(F64)])
+    opt = sgd_with(model, "gradient_norm_threshold", 0.0)
+    ctl = GradientNormThreshold(model, opt)
+    x = torch.randn(4, 3, dtype=F64)
+    with ctl.accumulate():
+        (model[0](x).sum() + model[2](model[1](x.float()).double()).sum()).backward()
+    want = torch.linalg.vector_norm(torch.stack([p.grad.double().norm() for p in model.parameters()]))
+    assert ctl.metrics()["grad_norm"] == pytest.approx(want.item(), rel=1e-6)
+
+
 # --- non-finite gradients --------------------------------------------------------------
 
 @pytest.mark.parametrize("controller", ["logical_batch", "gnts"])
