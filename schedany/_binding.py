@@ -20,8 +20,8 @@ from torch.optim.lr_scheduler import LRScheduler
 from ._optimizer_utils import extend_optimizer
 from ._rollback import unchanged_on_error
 from ._targets import Target, parse_target
+from .errors import TargetValueError
 
-__all__ = ["arbitrary_schedule_factory", "BoundOptimizer", "bound_target", "real_optimizer"]
 
 
 class _GroupView(dict):
@@ -69,17 +69,35 @@ class _ElementView(_GroupView):
         dict.__setitem__(self, key, value)
 
 
+class _EmptyDefaults(dict):
+    """The proxy's ``defaults``: empty, but it remembers whether a scheduler asked for
+    the optimizer's momentum (OneCycleLR and CyclicLR do, to cycle it), so a failure
+    that follows can be explained by what happened, not by the error's wording."""
+
+    __slots__ = ("asked_for_momentum",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked_for_momentum = False
+
+    def __contains__(self, key: object) -> bool:
+        if key in ("momentum", "betas"):
+            self.asked_for_momentum = True
+        return super().__contains__(key)
+
+
 class BoundOptimizer(Optimizer):
     """The proxy a bound scheduler holds as ``scheduler.optimizer``.
 
     It owns no parameters: ``Optimizer.__init__`` is deliberately not called.
-    ``defaults`` is empty so OneCycleLR / CyclicLR find no momentum to cycle.
+    ``defaults`` holds nothing, so OneCycleLR / CyclicLR find no momentum to cycle;
+    it records that they looked (see :class:`_EmptyDefaults`).
     """
 
     def __init__(self, optimizer: Optimizer, target: Target) -> None:
         self.optimizer = optimizer
         self.target = target
-        self.defaults: dict[str, Any] = {}
+        self.defaults = _EmptyDefaults()
         self.state: dict[Any, Any] = {}
         view = _GroupView if target.index is None else _ElementView
         self._views = [view(optimizer, i, target) for i in range(len(optimizer.param_groups))]
@@ -219,10 +237,11 @@ def arbitrary_schedule_factory(
         try:
             if default_value is not None:
                 if target.index is not None:
-                    raise ValueError(
-                        f"default_value={default_value!r} cannot create the element target "
-                        f"schedule_target={target.name!r}; extend the optimizer with the whole "
-                        f"{target.key!r} value first"
+                    raise TargetValueError(
+                        "schedule_target",
+                        target.name,
+                        f"default_value={default_value!r} cannot create an element target; "
+                        f"extend the optimizer with the whole {target.key!r} value first",
                     )
                 extend_optimizer(optimizer, target.key, default_value)
             target.validate(optimizer)
@@ -239,11 +258,13 @@ def _build_on(proxy: BoundOptimizer, schedule_factory: Callable[[Optimizer], LRS
     try:
         scheduler = schedule_factory(proxy)
     except ValueError as error:
-        if "cycle_momentum" in str(error):
-            raise ValueError(
-                f"schedule_target={proxy.target.name!r}: momentum cycling (cycle_momentum=True, "
-                "the OneCycleLR/CyclicLR default) cannot run on a bound schedule; pass "
-                "cycle_momentum=False, and schedule the momentum key with its own schedule"
+        if proxy.defaults.asked_for_momentum:
+            raise TargetValueError(
+                "schedule_target",
+                proxy.target.name,
+                "momentum cycling (cycle_momentum=True, the OneCycleLR/CyclicLR default) "
+                "cannot run on a bound schedule; pass cycle_momentum=False, and schedule "
+                "the momentum key with its own schedule",
             ) from error
         raise
     if not isinstance(scheduler, LRScheduler):

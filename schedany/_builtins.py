@@ -1,9 +1,9 @@
-"""The thirteen built-in schedules: a curve from :mod:`schedany.curves`, a
-``LambdaLR``, and a bind. ``value(t) = initial_value * lambda(t)``; the exact
-formulas are in :func:`schedany.curves.warmup_anneal_curve`.
+"""The built-in schedules: each is its curve from :mod:`schedany.curves` (same name, same
+arguments), run by a ``LambdaLR`` bound to ``schedule_target``. ``value(t) =
+initial_value * lambda(t)``; the formulas are in ``docs/api.md`` and in each curve's
+docstring.
 
-Every built-in validates its arguments before it touches the optimizer, and
-takes ``schedule_target="lr"`` and ``default_value=None``.
+The curve is built first, so a bad argument raises before the optimizer is touched.
 """
 
 from __future__ import annotations
@@ -13,25 +13,9 @@ from typing import Any
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from . import curves
 from ._binding import arbitrary_schedule_factory
-from .curves import AnnealKind, Curve, WarmupKind, constant_curve, warmup_anneal_curve
-
-__all__ = [
-    "cosine_annealing_with_warmup",
-    "cosine_annealing_with_inverse_warmup",
-    "polynomial_schedule_with_warmup",
-    "polynomial_schedule_with_inverse_warmup",
-    "linear_schedule_with_warmup",
-    "linear_schedule_with_inverse_warmup",
-    "quadratic_schedule_with_warmup",
-    "quadratic_schedule_with_inverse_warmup",
-    "sqrt_schedule_with_warmup",
-    "sqrt_schedule_with_inverse_warmup",
-    "constant_with_warmup",
-    "constant_with_inverse_warmup",
-    "constant_schedule",
-    "warmup_to_constant",
-]
+from .curves import Curve
 
 
 def bind_curve(
@@ -39,7 +23,10 @@ def bind_curve(
 ) -> LambdaLR:
     """A ``LambdaLR`` running ``curve`` on ``schedule_target``."""
     return arbitrary_schedule_factory(  # type: ignore[return-value]
-        optimizer, lambda proxy: LambdaLR(proxy, _once_per_step(curve)), default_value, schedule_target
+        optimizer,
+        lambda proxy: LambdaLR(proxy, _once_per_step(curve)),
+        default_value,
+        schedule_target,
     )
 
 
@@ -59,150 +46,213 @@ def _once_per_step(curve: Curve) -> Curve:
     return cached
 
 
-def _warmup_anneal(
-    func: str, optimizer: Optimizer, schedule_target: str, default_value: Any, *,
-    anneal: AnnealKind, warmup: WarmupKind, **curve_args: Any,
+def cosine_annealing_with_warmup(
+    optimizer: Optimizer,
+    warmup_to_value: float,
+    anneal_to_value: float,
+    num_warmup_steps: int,
+    num_training_steps: int,
+    schedule_target: str = "lr",
+    default_value: Any = None,
 ) -> LambdaLR:
-    curve = warmup_anneal_curve(anneal=anneal, warmup=warmup, func=func, **curve_args)
+    """Bind :func:`schedany.curves.cosine_annealing_with_warmup` to ``schedule_target``."""
+    curve = curves.cosine_annealing_with_warmup(
+        warmup_to_value, anneal_to_value, num_warmup_steps, num_training_steps
+    )
     return bind_curve(optimizer, curve, schedule_target, default_value)
 
 
-def cosine_annealing_with_warmup(
-    optimizer: Optimizer, warmup_to_value: float, anneal_to_value: float,
-    num_warmup_steps: int, num_training_steps: int,
-    schedule_target: str = "lr", default_value: Any = None,
-) -> LambdaLR:
-    """Linear warmup ``W t / L``, then half-cosine from ``W`` to ``A`` at ``M``, then ``A``."""
-    return _warmup_anneal(
-        "cosine_annealing_with_warmup", optimizer, schedule_target, default_value,
-        anneal="cosine", warmup="normal", warmup_to_value=warmup_to_value,
-        anneal_to_value=anneal_to_value, num_warmup_steps=num_warmup_steps,
-        num_training_steps=num_training_steps,
-    )
-
-
 def cosine_annealing_with_inverse_warmup(
-    optimizer: Optimizer, warmup_to_value: float, anneal_to_value: float,
-    num_warmup_steps: int, num_training_steps: int, warmup_multiplier: float = 20.0,
-    schedule_target: str = "lr", default_value: Any = None,
+    optimizer: Optimizer,
+    warmup_to_value: float,
+    anneal_to_value: float,
+    num_warmup_steps: int,
+    num_training_steps: int,
+    warmup_multiplier: float = 20.0,
+    schedule_target: str = "lr",
+    default_value: Any = None,
 ) -> LambdaLR:
-    """Inverse warmup ``W (R - (R-1) t / L)`` down to ``W``, then half-cosine to ``A``."""
-    return _warmup_anneal(
-        "cosine_annealing_with_inverse_warmup", optimizer, schedule_target, default_value,
-        anneal="cosine", warmup="inverse", warmup_to_value=warmup_to_value,
-        anneal_to_value=anneal_to_value, num_warmup_steps=num_warmup_steps,
-        num_training_steps=num_training_steps, warmup_multiplier=warmup_multiplier,
+    """Bind :func:`schedany.curves.cosine_annealing_with_inverse_warmup` to ``schedule_target``."""
+    curve = curves.cosine_annealing_with_inverse_warmup(
+        warmup_to_value, anneal_to_value, num_warmup_steps, num_training_steps, warmup_multiplier
     )
+    return bind_curve(optimizer, curve, schedule_target, default_value)
 
 
 def polynomial_schedule_with_warmup(
-    optimizer: Optimizer, warmup_to_value: float, anneal_to_value: float,
-    num_warmup_steps: int, num_training_steps: int, polynomial_exponent: float = 2.0,
-    schedule_target: str = "lr", default_value: Any = None,
+    optimizer: Optimizer,
+    warmup_to_value: float,
+    anneal_to_value: float,
+    num_warmup_steps: int,
+    num_training_steps: int,
+    polynomial_exponent: float = 2.0,
+    schedule_target: str = "lr",
+    default_value: Any = None,
 ) -> LambdaLR:
-    """Linear warmup ``W t / L``, then ``A + (W - A)(1 - p)^P``, then ``A``."""
-    return _warmup_anneal(
-        "polynomial_schedule_with_warmup", optimizer, schedule_target, default_value,
-        anneal="polynomial", warmup="normal", warmup_to_value=warmup_to_value,
-        anneal_to_value=anneal_to_value, num_warmup_steps=num_warmup_steps,
-        num_training_steps=num_training_steps, polynomial_exponent=polynomial_exponent,
+    """Bind :func:`schedany.curves.polynomial_schedule_with_warmup` to ``schedule_target``."""
+    curve = curves.polynomial_schedule_with_warmup(
+        warmup_to_value, anneal_to_value, num_warmup_steps, num_training_steps, polynomial_exponent
     )
+    return bind_curve(optimizer, curve, schedule_target, default_value)
 
 
 def polynomial_schedule_with_inverse_warmup(
-    optimizer: Optimizer, warmup_to_value: float, anneal_to_value: float,
-    num_warmup_steps: int, num_training_steps: int, polynomial_exponent: float = 2.0,
-    warmup_multiplier: float = 20.0, schedule_target: str = "lr", default_value: Any = None,
+    optimizer: Optimizer,
+    warmup_to_value: float,
+    anneal_to_value: float,
+    num_warmup_steps: int,
+    num_training_steps: int,
+    polynomial_exponent: float = 2.0,
+    warmup_multiplier: float = 20.0,
+    schedule_target: str = "lr",
+    default_value: Any = None,
 ) -> LambdaLR:
-    """Inverse warmup ``W (R - (R-1) t / L)``, then ``A + (W - A)(1 - p)^P``, then ``A``."""
-    return _warmup_anneal(
-        "polynomial_schedule_with_inverse_warmup", optimizer, schedule_target, default_value,
-        anneal="polynomial", warmup="inverse", warmup_to_value=warmup_to_value,
-        anneal_to_value=anneal_to_value, num_warmup_steps=num_warmup_steps,
-        num_training_steps=num_training_steps, polynomial_exponent=polynomial_exponent,
-        warmup_multiplier=warmup_multiplier,
+    """Bind :func:`schedany.curves.polynomial_schedule_with_inverse_warmup` to ``schedule_target``."""
+    curve = curves.polynomial_schedule_with_inverse_warmup(
+        warmup_to_value,
+        anneal_to_value,
+        num_warmup_steps,
+        num_training_steps,
+        polynomial_exponent,
+        warmup_multiplier,
     )
+    return bind_curve(optimizer, curve, schedule_target, default_value)
 
 
-def _fixed_exponent(name: str, exponent: float, inverse: bool) -> Any:
-    """linear / quadratic / sqrt are the polynomial schedule with P fixed."""
-    if inverse:
-
-        def schedule(
-            optimizer: Optimizer, warmup_to_value: float, anneal_to_value: float,
-            num_warmup_steps: int, num_training_steps: int, warmup_multiplier: float = 20.0,
-            schedule_target: str = "lr", default_value: Any = None,
-        ) -> LambdaLR:
-            return _warmup_anneal(
-                name, optimizer, schedule_target, default_value, anneal="polynomial",
-                warmup="inverse", warmup_to_value=warmup_to_value, anneal_to_value=anneal_to_value,
-                num_warmup_steps=num_warmup_steps, num_training_steps=num_training_steps,
-                polynomial_exponent=exponent, warmup_multiplier=warmup_multiplier,
-            )
-
-        warmup = "inverse warmup ``W (R - (R-1) t / L)``"
-    else:
-
-        def schedule(
-            optimizer: Optimizer, warmup_to_value: float, anneal_to_value: float,
-            num_warmup_steps: int, num_training_steps: int,
-            schedule_target: str = "lr", default_value: Any = None,
-        ) -> LambdaLR:
-            return _warmup_anneal(
-                name, optimizer, schedule_target, default_value, anneal="polynomial",
-                warmup="normal", warmup_to_value=warmup_to_value, anneal_to_value=anneal_to_value,
-                num_warmup_steps=num_warmup_steps, num_training_steps=num_training_steps,
-                polynomial_exponent=exponent,
-            )
-
-        warmup = "linear warmup ``W t / L``"
-    schedule.__name__ = schedule.__qualname__ = name
-    schedule.__module__ = "schedany"
-    schedule.__doc__ = (
-        f"{warmup.capitalize()}, then ``A + (W - A)(1 - p)^{exponent}`` "
-        f"(the polynomial schedule with P = {exponent}), then ``A``."
+def linear_schedule_with_warmup(
+    optimizer: Optimizer,
+    warmup_to_value: float,
+    anneal_to_value: float,
+    num_warmup_steps: int,
+    num_training_steps: int,
+    schedule_target: str = "lr",
+    default_value: Any = None,
+) -> LambdaLR:
+    """Bind :func:`schedany.curves.linear_schedule_with_warmup` to ``schedule_target``."""
+    curve = curves.linear_schedule_with_warmup(
+        warmup_to_value, anneal_to_value, num_warmup_steps, num_training_steps
     )
-    return schedule
+    return bind_curve(optimizer, curve, schedule_target, default_value)
 
 
-linear_schedule_with_warmup = _fixed_exponent("linear_schedule_with_warmup", 1.0, inverse=False)
-linear_schedule_with_inverse_warmup = _fixed_exponent("linear_schedule_with_inverse_warmup", 1.0, inverse=True)
-quadratic_schedule_with_warmup = _fixed_exponent("quadratic_schedule_with_warmup", 2.0, inverse=False)
-quadratic_schedule_with_inverse_warmup = _fixed_exponent("quadratic_schedule_with_inverse_warmup", 2.0, inverse=True)
-sqrt_schedule_with_warmup = _fixed_exponent("sqrt_schedule_with_warmup", 0.5, inverse=False)
-sqrt_schedule_with_inverse_warmup = _fixed_exponent("sqrt_schedule_with_inverse_warmup", 0.5, inverse=True)
+def linear_schedule_with_inverse_warmup(
+    optimizer: Optimizer,
+    warmup_to_value: float,
+    anneal_to_value: float,
+    num_warmup_steps: int,
+    num_training_steps: int,
+    warmup_multiplier: float = 20.0,
+    schedule_target: str = "lr",
+    default_value: Any = None,
+) -> LambdaLR:
+    """Bind :func:`schedany.curves.linear_schedule_with_inverse_warmup` to ``schedule_target``."""
+    curve = curves.linear_schedule_with_inverse_warmup(
+        warmup_to_value, anneal_to_value, num_warmup_steps, num_training_steps, warmup_multiplier
+    )
+    return bind_curve(optimizer, curve, schedule_target, default_value)
+
+
+def quadratic_schedule_with_warmup(
+    optimizer: Optimizer,
+    warmup_to_value: float,
+    anneal_to_value: float,
+    num_warmup_steps: int,
+    num_training_steps: int,
+    schedule_target: str = "lr",
+    default_value: Any = None,
+) -> LambdaLR:
+    """Bind :func:`schedany.curves.quadratic_schedule_with_warmup` to ``schedule_target``."""
+    curve = curves.quadratic_schedule_with_warmup(
+        warmup_to_value, anneal_to_value, num_warmup_steps, num_training_steps
+    )
+    return bind_curve(optimizer, curve, schedule_target, default_value)
+
+
+def quadratic_schedule_with_inverse_warmup(
+    optimizer: Optimizer,
+    warmup_to_value: float,
+    anneal_to_value: float,
+    num_warmup_steps: int,
+    num_training_steps: int,
+    warmup_multiplier: float = 20.0,
+    schedule_target: str = "lr",
+    default_value: Any = None,
+) -> LambdaLR:
+    """Bind :func:`schedany.curves.quadratic_schedule_with_inverse_warmup` to ``schedule_target``."""
+    curve = curves.quadratic_schedule_with_inverse_warmup(
+        warmup_to_value, anneal_to_value, num_warmup_steps, num_training_steps, warmup_multiplier
+    )
+    return bind_curve(optimizer, curve, schedule_target, default_value)
+
+
+def sqrt_schedule_with_warmup(
+    optimizer: Optimizer,
+    warmup_to_value: float,
+    anneal_to_value: float,
+    num_warmup_steps: int,
+    num_training_steps: int,
+    schedule_target: str = "lr",
+    default_value: Any = None,
+) -> LambdaLR:
+    """Bind :func:`schedany.curves.sqrt_schedule_with_warmup` to ``schedule_target``."""
+    curve = curves.sqrt_schedule_with_warmup(
+        warmup_to_value, anneal_to_value, num_warmup_steps, num_training_steps
+    )
+    return bind_curve(optimizer, curve, schedule_target, default_value)
+
+
+def sqrt_schedule_with_inverse_warmup(
+    optimizer: Optimizer,
+    warmup_to_value: float,
+    anneal_to_value: float,
+    num_warmup_steps: int,
+    num_training_steps: int,
+    warmup_multiplier: float = 20.0,
+    schedule_target: str = "lr",
+    default_value: Any = None,
+) -> LambdaLR:
+    """Bind :func:`schedany.curves.sqrt_schedule_with_inverse_warmup` to ``schedule_target``."""
+    curve = curves.sqrt_schedule_with_inverse_warmup(
+        warmup_to_value, anneal_to_value, num_warmup_steps, num_training_steps, warmup_multiplier
+    )
+    return bind_curve(optimizer, curve, schedule_target, default_value)
 
 
 def constant_with_warmup(
-    optimizer: Optimizer, warmup_to_value: float, num_warmup_steps: int,
-    schedule_target: str = "lr", default_value: Any = None,
+    optimizer: Optimizer,
+    warmup_to_value: float,
+    num_warmup_steps: int,
+    schedule_target: str = "lr",
+    default_value: Any = None,
 ) -> LambdaLR:
-    """Linear warmup ``W t / L``, then ``W``."""
-    return _warmup_anneal(
-        "constant_with_warmup", optimizer, schedule_target, default_value,
-        anneal="constant", warmup="normal", warmup_to_value=warmup_to_value,
-        anneal_to_value=warmup_to_value, num_warmup_steps=num_warmup_steps, num_training_steps=0,
-    )
+    """Bind :func:`schedany.curves.constant_with_warmup` to ``schedule_target``."""
+    curve = curves.constant_with_warmup(warmup_to_value, num_warmup_steps)
+    return bind_curve(optimizer, curve, schedule_target, default_value)
 
 
 def constant_with_inverse_warmup(
-    optimizer: Optimizer, warmup_to_value: float, num_warmup_steps: int,
-    warmup_multiplier: float = 20.0, schedule_target: str = "lr", default_value: Any = None,
+    optimizer: Optimizer,
+    warmup_to_value: float,
+    num_warmup_steps: int,
+    warmup_multiplier: float = 20.0,
+    schedule_target: str = "lr",
+    default_value: Any = None,
 ) -> LambdaLR:
-    """Inverse warmup ``W (R - (R-1) t / L)``, then ``W``."""
-    return _warmup_anneal(
-        "constant_with_inverse_warmup", optimizer, schedule_target, default_value,
-        anneal="constant", warmup="inverse", warmup_to_value=warmup_to_value,
-        anneal_to_value=warmup_to_value, num_warmup_steps=num_warmup_steps, num_training_steps=0,
-        warmup_multiplier=warmup_multiplier,
+    """Bind :func:`schedany.curves.constant_with_inverse_warmup` to ``schedule_target``."""
+    curve = curves.constant_with_inverse_warmup(
+        warmup_to_value, num_warmup_steps, warmup_multiplier
     )
+    return bind_curve(optimizer, curve, schedule_target, default_value)
 
 
 def constant_schedule(
-    optimizer: Optimizer, value: float, schedule_target: str = "lr", default_value: Any = None
+    optimizer: Optimizer,
+    value: float,
+    schedule_target: str = "lr",
+    default_value: Any = None,
 ) -> LambdaLR:
-    """``lambda(t) = value``: the target is ``initial_value * value`` at every step."""
-    curve = constant_curve(value, func="constant_schedule")
+    """Bind :func:`schedany.curves.constant_schedule` to ``schedule_target``."""
+    curve = curves.constant_schedule(value)
     return bind_curve(optimizer, curve, schedule_target, default_value)
 
 

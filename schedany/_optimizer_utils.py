@@ -8,8 +8,8 @@ from torch.nn import Parameter
 from torch.optim import Optimizer
 
 from ._targets import did_you_mean, parse_target
+from .errors import TargetKeyError
 
-__all__ = ["extend_optimizer", "get_param_groups_regrouped_by_key"]
 
 
 def extend_optimizer(
@@ -61,8 +61,11 @@ def get_param_groups_regrouped_by_key(
     ]
     if not found:
         keys = {k for group in optimizer.param_groups for k in group if k != "params"}
-        raise KeyError(
-            f"schedule_target={schedule_target!r}: no param group holds {target.key!r} "
-            f"(keys: {sorted(keys)}){did_you_mean(target.key, keys)}"
+        raise TargetKeyError(
+            "schedule_target",
+            schedule_target,
+            f"no param group holds {target.key!r} (keys: {sorted(keys)})"
+            f"{did_you_mean(target.key, keys)}",
+            missing_key=target.key,
         )
     return found

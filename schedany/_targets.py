@@ -3,7 +3,6 @@ tuple/list key (``"betas[0]"``), read and written in place."""
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -12,23 +11,22 @@ from typing import Any
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["Target", "parse_target", "is_numeric", "did_you_mean"]
+from .errors import TargetKeyError, TargetTypeError, TargetValueError, closest, is_real
+
+NEW_KEY_HINT = "Pass default_value=... or call extend_optimizer() to add a new key."
 
 _ELEMENT = re.compile(r"^(?P<key>[^\[\]]+)\[(?P<index>\d+)\]$")
 
 
 def is_numeric(value: Any) -> bool:
-    """A real scalar: int, float or a one-element tensor (never a bool)."""
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, (int, float)):
-        return True
-    return isinstance(value, Tensor) and value.numel() == 1
+    """A real scalar (:func:`schedany.errors.is_real`) or a one-element tensor."""
+    return is_real(value) or (isinstance(value, Tensor) and value.numel() == 1)
 
 
 def did_you_mean(word: str, candidates: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(candidates), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    """The library's hint: ``"; did you mean 'X'?"``, or ``""``."""
+    close = closest(word, candidates)
+    return f"; did you mean {close!r}?" if close else ""
 
 
 @dataclass(frozen=True)
@@ -53,44 +51,58 @@ class Target:
         group[self.key] = type(group[self.key])(items)
 
     def validate(self, optimizer: Optimizer, where: str = "schedule_target") -> None:
-        """Raise a clear error unless every param group holds a numeric value here."""
+        """Raise a :class:`~schedany.errors.TargetError` unless every param group holds
+        a numeric value here."""
         for i, group in enumerate(optimizer.param_groups):
             if self.key not in group:
                 keys = [k for k in group if k != "params"]
-                raise KeyError(
-                    f"{where}={self.name!r}: param_groups[{i}] has no key {self.key!r} "
-                    f"(it has {sorted(keys)}){did_you_mean(self.key, keys) or '.'} "
-                    "Pass default_value=... or call extend_optimizer() to add a new key."
+                raise TargetKeyError(
+                    where,
+                    self.name,
+                    f"param_groups[{i}] has no key {self.key!r} (it has {sorted(keys)})"
+                    f"{did_you_mean(self.key, keys) or '.'}",
+                    missing_key=self.key,
+                    hint=NEW_KEY_HINT,
                 )
             value = group[self.key]
             if self.index is not None:
                 if not isinstance(value, (tuple, list)):
-                    raise TypeError(
-                        f"{where}={self.name!r}: param_groups[{i}][{self.key!r}] is "
-                        f"{type(value).__name__} {value!r}, not a tuple or list to index"
+                    raise TargetTypeError(
+                        where,
+                        self.name,
+                        f"param_groups[{i}][{self.key!r}] is {type(value).__name__} "
+                        f"{value!r}, not a tuple or list to index",
                     )
                 if self.index >= len(value):
-                    raise ValueError(
-                        f"{where}={self.name!r}: index {self.index} is out of range for "
-                        f"param_groups[{i}][{self.key!r}]={tuple(value)!r} of length {len(value)}"
+                    raise TargetValueError(
+                        where,
+                        self.name,
+                        f"index {self.index} is out of range for param_groups[{i}]"
+                        f"[{self.key!r}]={tuple(value)!r} of length {len(value)}",
                     )
                 value = value[self.index]
             if not is_numeric(value):
-                raise TypeError(
-                    f"{where}={self.name!r}: param_groups[{i}] holds a non-numeric "
-                    f"{type(value).__name__} there ({_short(value)}); only real scalars can be scheduled"
+                raise TargetTypeError(
+                    where,
+                    self.name,
+                    f"param_groups[{i}] holds a non-numeric {type(value).__name__} there "
+                    f"({_short(value)}); only real scalars can be scheduled",
                 )
 
 
 def parse_target(name: Any, where: str = "schedule_target") -> Target:
     """``"weight_decay"`` -> key; ``"betas[0]"`` -> element 0 of ``betas``."""
     if not isinstance(name, str) or not name:
-        raise TypeError(f"{where} must be a non-empty string such as 'weight_decay' or 'betas[0]', got {name!r}")
+        raise TargetTypeError(
+            where, name, "expected a non-empty string such as 'weight_decay' or 'betas[0]'"
+        )
     match = _ELEMENT.match(name)
     if match:
         return Target(name=name, key=match["key"], index=int(match["index"]))
     if "[" in name or "]" in name:
-        raise ValueError(f"{where}={name!r} is malformed; write one element as 'key[index]', e.g. 'betas[0]'")
+        raise TargetValueError(
+            where, name, "is malformed; write one element as 'key[index]', e.g. 'betas[0]'"
+        )
     return Target(name=name, key=name)
 
 

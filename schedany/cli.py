@@ -21,13 +21,17 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def _positive_int(text: str) -> int:
+    """``--steps N`` / ``--num-samples N``: the library's rule for a count, on the text."""
+    from .errors import ArgumentError, check_integer
+
     try:
-        value = int(text)
+        value: object = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
+        value = text
+    try:
+        return check_integer(value, "N", min=1)
+    except ArgumentError as error:
+        raise argparse.ArgumentTypeError(f"expected {error.expected}, got {error.value!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

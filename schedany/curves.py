@@ -28,9 +28,10 @@ with ``p = 1`` when ``M = L``. Warmups: normal ``W t / L``; inverse
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
 from typing import Literal
+
+from .errors import ArgumentValueError, check_integer, check_real
 
 __all__ = [
     "Curve",
@@ -38,28 +39,25 @@ __all__ = [
     "AnnealKind",
     "warmup_anneal_curve",
     "constant_curve",
+    "cosine_annealing_with_warmup",
+    "cosine_annealing_with_inverse_warmup",
+    "polynomial_schedule_with_warmup",
+    "polynomial_schedule_with_inverse_warmup",
+    "linear_schedule_with_warmup",
+    "linear_schedule_with_inverse_warmup",
+    "quadratic_schedule_with_warmup",
+    "quadratic_schedule_with_inverse_warmup",
+    "sqrt_schedule_with_warmup",
+    "sqrt_schedule_with_inverse_warmup",
+    "constant_with_warmup",
+    "constant_with_inverse_warmup",
+    "constant_schedule",
+    "BUILTIN_CURVES",
 ]
 
 Curve = Callable[[int], float]
 WarmupKind = Literal["normal", "inverse"]
 AnnealKind = Literal["cosine", "polynomial", "constant"]
-
-
-def _check_finite(func: str, **values: float) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{func} requires a real number for {name}, got {name}={value!r}")
-        if not math.isfinite(value):
-            raise ValueError(f"{func} requires a finite {name}, got {name}={value!r}")
-
-
-def _check_steps(func: str, **steps: int) -> None:
-    for name, value in steps.items():
-        # numbers.Integral admits numpy integers (what samplers such as Ray Tune return).
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"{func} requires an integer {name}, got {name}={value!r}")
-        if value < 0:
-            raise ValueError(f"{func} requires {name} >= 0, got {name}={value}")
 
 
 def warmup_anneal_curve(
@@ -79,7 +77,8 @@ def warmup_anneal_curve(
     .. math::
 
         \lambda(t) = \begin{cases}
-            W t / L \;\text{(normal)} \;\;\text{or}\;\; W (R - (R-1) t / L) \;\text{(inverse)} & t < L \\
+            W t / L \;\text{(normal)} \;\;\text{or}\;\; W (R - (R-1) t / L) \;\text{(inverse)}
+                & t < L \\
             A + (W - A) \cdot \tfrac12 (1 + \cos \pi p) \;\text{(cosine)} & L \le t \le M \\
             A + (W - A) (1 - p)^P \;\text{(polynomial)} & L \le t \le M \\
             A & t > M
@@ -88,84 +87,44 @@ def warmup_anneal_curve(
     ``p = (t - L) / (M - L)``, and ``p = 1`` when ``M = L``. ``anneal="constant"``
     uses ``lambda = W`` for ``t >= L`` and ignores ``A``, ``M`` and ``P``.
 
-    ``func`` names the public function in error messages.
+    Every rule on these arguments lives here; a bad one raises an
+    :class:`~schedany.errors.ArgumentError` naming ``func`` (the public function),
+    the argument and the value.
 
     >>> curve = warmup_anneal_curve(warmup_to_value=1.0, anneal_to_value=0.0,
     ...                             num_warmup_steps=2, num_training_steps=4)
     >>> [round(curve(t), 3) for t in range(6)]
     [0.0, 0.5, 1.0, 0.5, 0.0, 0.0]
     """
-    W, A, L, M = warmup_to_value, anneal_to_value, num_warmup_steps, num_training_steps
-    P, R = polynomial_exponent, warmup_multiplier
-    _check_finite(func, warmup_to_value=W, anneal_to_value=A)
-    _check_steps(func, num_warmup_steps=L)
-    L = int(L)
-    if warmup == "inverse":
-        _check_finite(func, warmup_multiplier=R)
-        if R < 1:
-            raise ValueError(f"{func} requires warmup_multiplier >= 1, got warmup_multiplier={R}")
-    elif warmup != "normal":
-        raise ValueError(f"{func}: unknown warmup kind {warmup!r}; expected 'normal' or 'inverse'")
-
-    if anneal == "constant":
-        A, M, shape = W, L, None
-    else:
-        _check_steps(func, num_training_steps=M)
-        M = int(M)
-        if M <= 0:
-            raise ValueError(
-                f"{func} requires num_training_steps > 0 when annealing, got num_training_steps={M}"
-            )
-        if M < L:
-            raise ValueError(
-                f"{func} requires num_training_steps >= num_warmup_steps, "
-                f"got num_training_steps={M} < num_warmup_steps={L}"
-            )
-        if anneal == "cosine":
-            shape = _cosine_shape
-        elif anneal == "polynomial":
-            _check_finite(func, polynomial_exponent=P)
-            if P <= 0:
-                raise ValueError(
-                    f"{func} requires polynomial_exponent > 0, got polynomial_exponent={P}"
-                )
-            shape = _polynomial_shape(P)
-        else:
-            raise ValueError(
-                f"{func}: unknown anneal kind {anneal!r}; expected 'cosine', 'polynomial' or 'constant'"
-            )
-
-    # Constants are bound as defaults so the hot call does no closure lookups.
+    W = check_real(warmup_to_value, "warmup_to_value", func=func)
+    L = check_integer(num_warmup_steps, "num_warmup_steps", min=0, func=func)
     if warmup == "normal":
-
-        def warm(t: int, W: float = W, L: int = L) -> float:
-            return W * t / L
-
+        warm = _linear_warmup(W, L)
+    elif warmup == "inverse":
+        R = check_real(warmup_multiplier, "warmup_multiplier", min=1, func=func)
+        warm = _inverse_warmup(W, L, R)
     else:
+        raise ArgumentValueError(func, "warmup", warmup, "'normal' or 'inverse'")
+    if anneal == "constant":
+        return _then_constant(warm, L, W)
 
-        def warm(t: int, W: float = W, L: int = L, R: float = R) -> float:
-            return W * (R - (R - 1.0) * t / L)
-
-    if shape is None:
-
-        def curve(t: int, L: int = L, W: float = W, warm: Curve = warm) -> float:
-            return warm(t) if t < L else W
-
-        return curve
-
-    span = M - L
-
-    def curve(
-        t: int, L: int = L, M: int = M, W: float = W, A: float = A, span: int = span,
-        warm: Curve = warm, shape: Callable[[float], float] = shape,
-    ) -> float:
-        if t < L:
-            return warm(t)
-        if t >= M:
-            return A  # p = 1 at t = M and the tail is clamped after it
-        return A + (W - A) * shape((t - L) / span)
-
-    return curve
+    A = check_real(anneal_to_value, "anneal_to_value", func=func)
+    M = check_integer(num_training_steps, "num_training_steps", min=0, func=func)
+    if M == 0:
+        raise ArgumentValueError(func, "num_training_steps", M, "an integer > 0 when annealing")
+    if M < L:
+        raise ArgumentValueError(
+            func, "num_training_steps", M, f"an integer >= num_warmup_steps ({L})"
+        )
+    if anneal == "cosine":
+        shape = _cosine_shape
+    elif anneal == "polynomial":
+        shape = _polynomial_shape(
+            check_real(polynomial_exponent, "polynomial_exponent", gt=0, func=func)
+        )
+    else:
+        raise ArgumentValueError(func, "anneal", anneal, "'cosine', 'polynomial' or 'constant'")
+    return _then_anneal(warm, L, M, W, A, shape)
 
 
 def constant_curve(value: float, *, func: str = "constant_curve") -> Curve:
@@ -174,10 +133,298 @@ def constant_curve(value: float, *, func: str = "constant_curve") -> Curve:
     >>> constant_curve(0.5)(123)
     0.5
     """
-    _check_finite(func, value=value)
+    value = check_real(value, "value", func=func)
 
-    def curve(t: int, value: float = value) -> float:
+    def curve(t: int) -> float:
         return value
+
+    return curve
+
+
+# --- the built-in curves, one per built-in schedule of the same name -------------------
+
+
+def cosine_annealing_with_warmup(
+    warmup_to_value: float,
+    anneal_to_value: float,
+    num_warmup_steps: int,
+    num_training_steps: int,
+) -> Curve:
+    """Linear warmup ``W t / L``, then half-cosine from ``W`` to ``A`` at ``M``, then ``A``."""
+    return warmup_anneal_curve(
+        warmup_to_value=warmup_to_value,
+        anneal_to_value=anneal_to_value,
+        num_warmup_steps=num_warmup_steps,
+        num_training_steps=num_training_steps,
+        anneal="cosine",
+        warmup="normal",
+        func="cosine_annealing_with_warmup",
+    )
+
+
+def cosine_annealing_with_inverse_warmup(
+    warmup_to_value: float,
+    anneal_to_value: float,
+    num_warmup_steps: int,
+    num_training_steps: int,
+    warmup_multiplier: float = 20.0,
+) -> Curve:
+    """Inverse warmup ``W (R - (R-1) t / L)`` down to ``W``, then half-cosine to ``A``."""
+    return warmup_anneal_curve(
+        warmup_to_value=warmup_to_value,
+        anneal_to_value=anneal_to_value,
+        num_warmup_steps=num_warmup_steps,
+        num_training_steps=num_training_steps,
+        anneal="cosine",
+        warmup="inverse",
+        warmup_multiplier=warmup_multiplier,
+        func="cosine_annealing_with_inverse_warmup",
+    )
+
+
+def polynomial_schedule_with_warmup(
+    warmup_to_value: float,
+    anneal_to_value: float,
+    num_warmup_steps: int,
+    num_training_steps: int,
+    polynomial_exponent: float = 2.0,
+    *,
+    func: str = "polynomial_schedule_with_warmup",
+) -> Curve:
+    """Linear warmup ``W t / L``, then ``A + (W - A)(1 - p)^P``, then ``A``."""
+    return warmup_anneal_curve(
+        warmup_to_value=warmup_to_value,
+        anneal_to_value=anneal_to_value,
+        num_warmup_steps=num_warmup_steps,
+        num_training_steps=num_training_steps,
+        anneal="polynomial",
+        warmup="normal",
+        polynomial_exponent=polynomial_exponent,
+        func=func,
+    )
+
+
+def polynomial_schedule_with_inverse_warmup(
+    warmup_to_value: float,
+    anneal_to_value: float,
+    num_warmup_steps: int,
+    num_training_steps: int,
+    polynomial_exponent: float = 2.0,
+    warmup_multiplier: float = 20.0,
+    *,
+    func: str = "polynomial_schedule_with_inverse_warmup",
+) -> Curve:
+    """Inverse warmup ``W (R - (R-1) t / L)``, then ``A + (W - A)(1 - p)^P``, then ``A``."""
+    return warmup_anneal_curve(
+        warmup_to_value=warmup_to_value,
+        anneal_to_value=anneal_to_value,
+        num_warmup_steps=num_warmup_steps,
+        num_training_steps=num_training_steps,
+        anneal="polynomial",
+        warmup="inverse",
+        polynomial_exponent=polynomial_exponent,
+        warmup_multiplier=warmup_multiplier,
+        func=func,
+    )
+
+
+def linear_schedule_with_warmup(
+    warmup_to_value: float,
+    anneal_to_value: float,
+    num_warmup_steps: int,
+    num_training_steps: int,
+) -> Curve:
+    """The polynomial schedule with ``P = 1``."""
+    return polynomial_schedule_with_warmup(
+        warmup_to_value,
+        anneal_to_value,
+        num_warmup_steps,
+        num_training_steps,
+        1.0,
+        func="linear_schedule_with_warmup",
+    )
+
+
+def linear_schedule_with_inverse_warmup(
+    warmup_to_value: float,
+    anneal_to_value: float,
+    num_warmup_steps: int,
+    num_training_steps: int,
+    warmup_multiplier: float = 20.0,
+) -> Curve:
+    """The polynomial schedule with inverse warmup and ``P = 1``."""
+    return polynomial_schedule_with_inverse_warmup(
+        warmup_to_value,
+        anneal_to_value,
+        num_warmup_steps,
+        num_training_steps,
+        1.0,
+        warmup_multiplier,
+        func="linear_schedule_with_inverse_warmup",
+    )
+
+
+def quadratic_schedule_with_warmup(
+    warmup_to_value: float,
+    anneal_to_value: float,
+    num_warmup_steps: int,
+    num_training_steps: int,
+) -> Curve:
+    """The polynomial schedule with ``P = 2``."""
+    return polynomial_schedule_with_warmup(
+        warmup_to_value,
+        anneal_to_value,
+        num_warmup_steps,
+        num_training_steps,
+        2.0,
+        func="quadratic_schedule_with_warmup",
+    )
+
+
+def quadratic_schedule_with_inverse_warmup(
+    warmup_to_value: float,
+    anneal_to_value: float,
+    num_warmup_steps: int,
+    num_training_steps: int,
+    warmup_multiplier: float = 20.0,
+) -> Curve:
+    """The polynomial schedule with inverse warmup and ``P = 2``."""
+    return polynomial_schedule_with_inverse_warmup(
+        warmup_to_value,
+        anneal_to_value,
+        num_warmup_steps,
+        num_training_steps,
+        2.0,
+        warmup_multiplier,
+        func="quadratic_schedule_with_inverse_warmup",
+    )
+
+
+def sqrt_schedule_with_warmup(
+    warmup_to_value: float,
+    anneal_to_value: float,
+    num_warmup_steps: int,
+    num_training_steps: int,
+) -> Curve:
+    """The polynomial schedule with ``P = 0.5``."""
+    return polynomial_schedule_with_warmup(
+        warmup_to_value,
+        anneal_to_value,
+        num_warmup_steps,
+        num_training_steps,
+        0.5,
+        func="sqrt_schedule_with_warmup",
+    )
+
+
+def sqrt_schedule_with_inverse_warmup(
+    warmup_to_value: float,
+    anneal_to_value: float,
+    num_warmup_steps: int,
+    num_training_steps: int,
+    warmup_multiplier: float = 20.0,
+) -> Curve:
+    """The polynomial schedule with inverse warmup and ``P = 0.5``."""
+    return polynomial_schedule_with_inverse_warmup(
+        warmup_to_value,
+        anneal_to_value,
+        num_warmup_steps,
+        num_training_steps,
+        0.5,
+        warmup_multiplier,
+        func="sqrt_schedule_with_inverse_warmup",
+    )
+
+
+def constant_with_warmup(warmup_to_value: float, num_warmup_steps: int) -> Curve:
+    """Linear warmup ``W t / L``, then ``W``."""
+    return warmup_anneal_curve(
+        warmup_to_value=warmup_to_value,
+        anneal_to_value=warmup_to_value,
+        num_warmup_steps=num_warmup_steps,
+        num_training_steps=0,
+        anneal="constant",
+        warmup="normal",
+        func="constant_with_warmup",
+    )
+
+
+def constant_with_inverse_warmup(
+    warmup_to_value: float, num_warmup_steps: int, warmup_multiplier: float = 20.0
+) -> Curve:
+    """Inverse warmup ``W (R - (R-1) t / L)``, then ``W``."""
+    return warmup_anneal_curve(
+        warmup_to_value=warmup_to_value,
+        anneal_to_value=warmup_to_value,
+        num_warmup_steps=num_warmup_steps,
+        num_training_steps=0,
+        anneal="constant",
+        warmup="inverse",
+        warmup_multiplier=warmup_multiplier,
+        func="constant_with_inverse_warmup",
+    )
+
+
+def constant_schedule(value: float) -> Curve:
+    """``lambda(t) = value``."""
+    return constant_curve(value, func="constant_schedule")
+
+
+BUILTIN_CURVES: dict[str, Callable[..., Curve]] = {
+    "cosine_annealing_with_warmup": cosine_annealing_with_warmup,
+    "cosine_annealing_with_inverse_warmup": cosine_annealing_with_inverse_warmup,
+    "polynomial_schedule_with_warmup": polynomial_schedule_with_warmup,
+    "polynomial_schedule_with_inverse_warmup": polynomial_schedule_with_inverse_warmup,
+    "linear_schedule_with_warmup": linear_schedule_with_warmup,
+    "linear_schedule_with_inverse_warmup": linear_schedule_with_inverse_warmup,
+    "quadratic_schedule_with_warmup": quadratic_schedule_with_warmup,
+    "quadratic_schedule_with_inverse_warmup": quadratic_schedule_with_inverse_warmup,
+    "sqrt_schedule_with_warmup": sqrt_schedule_with_warmup,
+    "sqrt_schedule_with_inverse_warmup": sqrt_schedule_with_inverse_warmup,
+    "constant_with_warmup": constant_with_warmup,
+    "constant_with_inverse_warmup": constant_with_inverse_warmup,
+    "constant_schedule": constant_schedule,
+    "warmup_to_constant": constant_with_warmup,
+}
+"""Every built-in schedule's curve by the built-in's name (``warmup_to_constant`` is the
+alias of ``constant_with_warmup``)."""
+
+
+# --- the pieces every curve is joined from ---------------------------------------------
+
+
+def _linear_warmup(W: float, L: int) -> Curve:
+    def warm(t: int) -> float:
+        return W * t / L
+
+    return warm
+
+
+def _inverse_warmup(W: float, L: int, R: float) -> Curve:
+    def warm(t: int) -> float:
+        return W * (R - (R - 1.0) * t / L)
+
+    return warm
+
+
+def _then_constant(warm: Curve, L: int, W: float) -> Curve:
+    def curve(t: int) -> float:
+        return warm(t) if t < L else W
+
+    return curve
+
+
+def _then_anneal(
+    warm: Curve, L: int, M: int, W: float, A: float, shape: Callable[[float], float]
+) -> Curve:
+    span = M - L
+
+    def curve(t: int) -> float:
+        if t < L:
+            return warm(t)
+        if t >= M:
+            return A  # p = 1 at t = M, and the tail is clamped after it
+        return A + (W - A) * shape((t - L) / span)
 
     return curve
 

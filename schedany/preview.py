@@ -1,7 +1,7 @@
 """``schedany preview``: every scheduled value of a train config, without training.
 
 The schedule is stepped on a throwaway optimizer that
-:func:`schedany.job.build.build_run` builds exactly as the trainer does (same param
+:func:`schedany.config.build_run` builds exactly as the trainer does (same param
 groups, same keys, ``extend`` applied), so the numbers are the ones a real run logs.
 
 Step convention (the reference trainer's): step ``s`` (``1 <= s <= steps``) is the
@@ -17,8 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from .config import ConfigError, TrainConfig, load_config
-from .config._convert import check_int
+from .config import ConfigError, TrainConfig, build_run, load_config
+from .config.parsing import check_int
+from .errors import check_integer
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -52,9 +53,7 @@ def trace(config: TrainConfig, steps: int | None = None, *, tensorboard: str | N
     throwaway optimizer and record each step's values; optionally write them to
     TensorBoard under ``tensorboard`` with the tags a real run uses."""
     from .integrations.tensorboard import group_labels
-    from .job.build import build_run
-
-    steps = config.train.steps if steps is None else check_int(steps, "--steps", min=1)
+    steps = config.train.steps if steps is None else check_integer(steps, "steps", min=1, func="trace")
     optimizer, schedule = build_run(config)
     logger = None
     if tensorboard is not None:
@@ -141,6 +140,8 @@ def preview_command(
     the exit code; a bad config or argument raises :class:`~schedany.config.ConfigError`.
     """
     config = load_config(config_path, overrides)
+    if steps is not None:
+        check_int(steps, "--steps", min=1)
     if output is not None:
         formats = _image_formats()
         if formats is None:

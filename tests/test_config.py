@@ -170,7 +170,7 @@ BAD_SPECS = [
      r"^schedules\.lr\.polynomial_exponent: unknown argument of curve"),
     ({"schedules": {"lr": {"curve": "polynomial_schedule_with_warmup", **{
         k: v for k, v in COSINE.items() if k != "curve"}, "polynomial_exponent": 0}}},
-     r"^schedules\.lr\.polynomial_exponent: expected a finite number > 0\.0, got 0"),
+     r"^schedules\.lr\.polynomial_exponent: expected a finite number > 0, got 0"),
 ]
 
 

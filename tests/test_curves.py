@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import schedany
-import schedany._builtins
+from schedany.curves import BUILTIN_CURVES
 from schedany.curves import constant_curve, warmup_anneal_curve
 
 L, M = 10, 110
@@ -121,7 +121,7 @@ CASES: dict[str, Case] = {
     "constant_schedule": Case(dict(value=0.35), dict(value=0.35), (0.35,) * len(TS)),
 }
 
-BUILTIN_NAMES = list(schedany._builtins.__all__)
+BUILTIN_NAMES = list(BUILTIN_CURVES)
 
 
 def _pure_curve(name: str) -> Callable[[int], float]:

@@ -90,19 +90,19 @@ CASES: dict[str, tuple[Callable[[AdamW], Any], type[Exception], str]] = {
         bind("betas[5]"), ValueError,
         r"schedule_target='betas\[5\]': index 5 is out of range for param_groups\[0\]\['betas'\]=\(0\.9, 0\.999\) of length 2"),
     "malformed element target": (
-        bind("betas[x"), ValueError, r"schedule_target='betas\[x' is malformed"),
+        bind("betas[x"), ValueError, r"schedule_target='betas\[x': is malformed"),
     "negative element index": (
-        bind("betas[-1]"), ValueError, r"schedule_target='betas\[-1\]' is malformed"),
+        bind("betas[-1]"), ValueError, r"schedule_target='betas\[-1\]': is malformed"),
     "element of a scalar key": (
         bind("weight_decay[0]"), TypeError,
         r"schedule_target='weight_decay\[0\]': param_groups\[0\]\['weight_decay'\] is float 0\.1, not a tuple or list"),
     "target not a string": (
-        bind(0), TypeError, r"schedule_target must be a non-empty string .*got 0"),  # type: ignore[arg-type]
+        bind(0), TypeError, r"schedule_target=0: expected a non-empty string such as 'weight_decay'"),  # type: ignore[arg-type]
     "empty target": (
-        bind(""), TypeError, r"schedule_target must be a non-empty string .*got ''"),
+        bind(""), TypeError, r"schedule_target='': expected a non-empty string such as 'weight_decay'"),
     "default_value on an element target": (
         bind("gammas[0]", default_value=0.5), ValueError,
-        r"default_value=0\.5 cannot create the element target schedule_target='gammas\[0\]'"),
+        r"schedule_target='gammas\[0\]': default_value=0\.5 cannot create an element target"),
     "non-numeric default_value is rolled back": (
         bind("fresh_key", default_value="high"), TypeError,
         r"schedule_target='fresh_key': param_groups\[0\] holds a non-numeric str there \('high'\)"),
@@ -126,56 +126,56 @@ CASES: dict[str, tuple[Callable[[AdamW], Any], type[Exception], str]] = {
     # --- built-in arguments (W, A, L, M, P, R)
     "negative warmup steps": (
         builtin(COSINE, 1.0, 0.1, -1, 100), ValueError,
-        r"cosine_annealing_with_warmup requires num_warmup_steps >= 0, got num_warmup_steps=-1"),
+        r"cosine_annealing_with_warmup requires num_warmup_steps to be an integer >= 0, got num_warmup_steps=-1"),
     "negative training steps": (
         builtin("linear_schedule_with_warmup", 1.0, 0.1, 0, -5), ValueError,
-        r"linear_schedule_with_warmup requires num_training_steps >= 0, got num_training_steps=-5"),
+        r"linear_schedule_with_warmup requires num_training_steps to be an integer >= 0, got num_training_steps=-5"),
     "inverted step counts": (
         builtin("quadratic_schedule_with_inverse_warmup", 1.0, 0.1, 50, 20), ValueError,
-        r"quadratic_schedule_with_inverse_warmup requires num_training_steps >= num_warmup_steps, "
-        r"got num_training_steps=20 < num_warmup_steps=50"),
+        r"quadratic_schedule_with_inverse_warmup requires num_training_steps to be an integer "
+        r">= num_warmup_steps \(50\), got num_training_steps=20"),
     "no training steps while annealing": (
         builtin("sqrt_schedule_with_warmup", 1.0, 0.1, 0, 0), ValueError,
-        r"sqrt_schedule_with_warmup requires num_training_steps > 0 when annealing, got num_training_steps=0"),
+        r"sqrt_schedule_with_warmup requires num_training_steps to be an integer > 0 when annealing, got num_training_steps=0"),
     "negative warmup steps, constant": (
         builtin("constant_with_warmup", 1.0, -3), ValueError,
-        r"constant_with_warmup requires num_warmup_steps >= 0, got num_warmup_steps=-3"),
+        r"constant_with_warmup requires num_warmup_steps to be an integer >= 0, got num_warmup_steps=-3"),
     "float step count": (
         builtin(COSINE, 1.0, 0.1, 10.0, 100), TypeError,
-        r"cosine_annealing_with_warmup requires an integer num_warmup_steps, got num_warmup_steps=10\.0"),
+        r"cosine_annealing_with_warmup requires num_warmup_steps to be an integer >= 0, got num_warmup_steps=10\.0"),
     "bool step count": (
         builtin(COSINE, 1.0, 0.1, 10, True), TypeError,
-        r"requires an integer num_training_steps, got num_training_steps=True"),
+        r"requires num_training_steps to be an integer >= 0, got num_training_steps=True"),
     "NaN warmup_to_value": (
         builtin(COSINE, math.nan, 0.1, 10, 100), ValueError,
-        r"cosine_annealing_with_warmup requires a finite warmup_to_value, got warmup_to_value=nan"),
+        r"cosine_annealing_with_warmup requires warmup_to_value to be a finite number, got warmup_to_value=nan"),
     "infinite anneal_to_value": (
         builtin("polynomial_schedule_with_warmup", 1.0, math.inf, 10, 100), ValueError,
-        r"requires a finite anneal_to_value, got anneal_to_value=inf"),
+        r"requires anneal_to_value to be a finite number, got anneal_to_value=inf"),
     "infinite warmup_multiplier": (
         builtin("cosine_annealing_with_inverse_warmup", 1.0, 0.1, 10, 100, warmup_multiplier=math.inf),
-        ValueError, r"requires a finite warmup_multiplier, got warmup_multiplier=inf"),
+        ValueError, r"requires warmup_multiplier to be a finite number >= 1, got warmup_multiplier=inf"),
     "NaN polynomial_exponent": (
         builtin("polynomial_schedule_with_inverse_warmup", 1.0, 0.1, 10, 100, polynomial_exponent=math.nan),
-        ValueError, r"requires a finite polynomial_exponent, got polynomial_exponent=nan"),
+        ValueError, r"requires polynomial_exponent to be a finite number > 0, got polynomial_exponent=nan"),
     "infinite constant value": (
         builtin("constant_schedule", -math.inf), ValueError,
-        r"constant_schedule requires a finite value, got value=-inf"),
+        r"constant_schedule requires value to be a finite number, got value=-inf"),
     "string value": (
         builtin("constant_with_inverse_warmup", "0.5", 10), TypeError,
-        r"constant_with_inverse_warmup requires a real number for warmup_to_value, got warmup_to_value='0\.5'"),
+        r"constant_with_inverse_warmup requires warmup_to_value to be a finite number, got warmup_to_value='0\.5'"),
     "warmup_multiplier < 1": (
         builtin("linear_schedule_with_inverse_warmup", 1.0, 0.1, 10, 100, warmup_multiplier=0.5), ValueError,
-        r"linear_schedule_with_inverse_warmup requires warmup_multiplier >= 1, got warmup_multiplier=0\.5"),
+        r"linear_schedule_with_inverse_warmup requires warmup_multiplier to be a finite number >= 1, got warmup_multiplier=0\.5"),
     "warmup_multiplier < 1, constant": (
         builtin("constant_with_inverse_warmup", 1.0, 10, warmup_multiplier=0.0), ValueError,
-        r"requires warmup_multiplier >= 1, got warmup_multiplier=0\.0"),
+        r"requires warmup_multiplier to be a finite number >= 1, got warmup_multiplier=0\.0"),
     "zero polynomial_exponent": (
         builtin("polynomial_schedule_with_warmup", 1.0, 0.1, 10, 100, polynomial_exponent=0), ValueError,
-        r"polynomial_schedule_with_warmup requires polynomial_exponent > 0, got polynomial_exponent=0"),
+        r"polynomial_schedule_with_warmup requires polynomial_exponent to be a finite number > 0, got polynomial_exponent=0"),
     "negative polynomial_exponent": (
         builtin("polynomial_schedule_with_warmup", 1.0, 0.1, 10, 100, polynomial_exponent=-1.5), ValueError,
-        r"requires polynomial_exponent > 0, got polynomial_exponent=-1\.5"),
+        r"requires polynomial_exponent to be a finite number > 0, got polynomial_exponent=-1\.5"),
     # --- optimizer utilities
     "extend with an element name": (
         lambda opt: schedany.extend_optimizer(opt, "betas[0]", 0.5), ValueError,

@@ -36,9 +36,10 @@ from schedany.job.distributed import (
     teardown,
     wrap_model,
 )
-from schedany.job.model import IGNORE_INDEX, Batch, ModelConfig, build_model, loss, param_groups
+from schedany.config import ModelSection
+from schedany.job.model import IGNORE_INDEX, Batch, build_model, loss, param_groups
 
-TINY = ModelConfig(d_model=32, n_layers=2, n_heads=2, seq_len=32)
+TINY = ModelSection(d_model=32, n_layers=2, n_heads=2, seq_len=32)
 
 
 @pytest.fixture(scope="module")
@@ -110,9 +111,9 @@ def test_loss_sum_is_mean_times_count_and_padding_is_inert(corpus: Corpus) -> No
 
 def test_model_config_rejects_bad_shapes() -> None:
     with pytest.raises(ValueError, match="n_heads"):
-        ModelConfig(d_model=30, n_heads=4)
+        ModelSection(d_model=30, n_heads=4)
     with pytest.raises(ValueError, match="n_layers"):
-        ModelConfig(n_layers=0)
+        ModelSection(n_layers=0)
 
 
 # --- data ----------------------------------------------------------------------------

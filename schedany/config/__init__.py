@@ -1,25 +1,17 @@
-"""Typed train configs and the YAML schedule spec (SPEC sections 5 and 6).
+"""Typed train configs and the YAML schedule spec (``docs/api.md``).
 
 - :func:`load_config` reads a YAML train config (safe loader only), applies ``--set``
   overrides, checks it strictly and returns a :class:`TrainConfig`.
-- :func:`build_schedule` turns ``extend`` + ``schedules`` into a SynchronousSchedule.
+- :func:`build_schedule` turns ``extend`` + ``schedules`` into a SynchronousSchedule;
+  :func:`build_run` builds a config's optimizer and schedule together.
 - :func:`register_curve` adds a named curve that specs can use as ``curve: name``.
 
 Every mistake is a :class:`ConfigError` whose message starts with the dotted path.
+:mod:`schedany.config.parsing` holds the pieces other config files are read with.
 """
 
-from ._errors import ConfigError
-from ._load import (
-    apply_overrides,
-    config_to_dict,
-    load_config,
-    parse_config,
-    parse_override,
-    read_yaml,
-    validate_config,
-)
-from ._optimizer import make_optimizer
-from ._schedule import build_schedule, curve_names, register_curve, unregister_curve
+from ._load import config_to_dict, load_config, parse_config
+from ._schedule import Run, build_run, build_schedule, curve_names, register_curve, unregister_curve
 from ._schema import (
     ControlSection,
     DataSection,
@@ -30,6 +22,7 @@ from ._schema import (
     TrainConfig,
     TrainSection,
 )
+from .parsing import ConfigError
 
 __all__ = [
     "ConfigError",
@@ -38,19 +31,16 @@ __all__ = [
     "DistributedSection",
     "ModelSection",
     "OptimizerSection",
+    "Run",
     "ScheduleSpec",
     "TrainConfig",
     "TrainSection",
-    "apply_overrides",
+    "build_run",
     "build_schedule",
     "config_to_dict",
     "curve_names",
     "load_config",
-    "make_optimizer",
     "parse_config",
-    "parse_override",
-    "read_yaml",
     "register_curve",
     "unregister_curve",
-    "validate_config",
 ]

@@ -9,11 +9,8 @@ from typing import Any
 import torch.optim
 from torch.optim import Optimizer
 
-from ._convert import as_mapping, check_number
-from ._errors import ConfigError, did_you_mean, expected, show, unknown_key
 from ._schema import OptimizerSection
-
-__all__ = ["GROUP_NAMES", "dummy_groups", "make_optimizer", "optimizer_class", "parse_optimizer"]
+from .parsing import ConfigError, as_mapping, check_number, did_you_mean, expected, show, unknown_key
 
 GROUP_NAMES = ("decay", "no_decay")
 _NON_NEGATIVE = ("lr", "weight_decay", "momentum", "eps", "dampening")
@@ -114,7 +111,18 @@ def make_optimizer(section: OptimizerSection, groups: Sequence[dict[str, Any]],
                           ) from None
 
 
-def dummy_groups(section: OptimizerSection) -> list[dict[str, Any]]:
+def initial_value(section: OptimizerSection, key: str) -> Any:
+    """The value the param groups start with for optimizer argument ``key``: as given in
+    the block, else the class's default. ``KeyError`` if the class takes no such argument."""
+    if key in section.kwargs:
+        return section.kwargs[key]
+    if key not in _arguments(optimizer_class(section.name)):
+        raise KeyError(key)
+    default = inspect.signature(optimizer_class(section.name).__init__).parameters[key].default
+    return None if default is inspect.Parameter.empty else default
+
+
+def placeholder_groups(section: OptimizerSection) -> list[dict[str, Any]]:
     """Param groups of one throwaway parameter each, shaped like the real job's: one
     unnamed group, or ``decay`` / ``no_decay`` (``weight_decay`` 0 in ``no_decay``)."""
     if section.param_groups is None:

@@ -1,4 +1,4 @@
-"""The schedule spec of SPEC section 5: ``extend`` + ``schedules`` -> a SynchronousSchedule.
+"""The schedule spec (``docs/api.md``): ``extend`` + ``schedules`` -> a SynchronousSchedule.
 
 Nothing named in a spec is imported by path: ``curve:`` names a built-in schedule or
 a curve registered from Python with :func:`register_curve`; ``scheduler:`` names a
@@ -10,50 +10,40 @@ from __future__ import annotations
 import inspect
 import math
 import os
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch.optim.lr_scheduler as lr_scheduler
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
-from .. import _builtins
 from .._binding import BoundOptimizer, arbitrary_schedule_factory
+from .._builtins import bind_curve
 from .._optimizer_utils import extend_optimizer
 from .._rollback import unchanged_on_error
 from .._synchronous import SynchronousSchedule
 from .._targets import parse_target
-from ..curves import Curve
-from ._convert import as_mapping, check_int, check_number
-from ._errors import ConfigError, did_you_mean, expected, show, unknown_key
+from ..curves import BUILTIN_CURVES, Curve
+from ..errors import ArgumentError, TargetError, is_real
+from ._optimizer import make_optimizer, placeholder_groups
 from ._schema import ScheduleSpec, TrainConfig
-
-__all__ = [
-    "build_schedule",
-    "curve_names",
-    "parse_extend",
-    "parse_schedules",
-    "register_curve",
-    "unregister_curve",
-]
+from .parsing import (
+    ConfigError,
+    as_mapping,
+    check_int,
+    check_number,
+    did_you_mean,
+    expected,
+    from_argument_error,
+    read_yaml,
+    show,
+    unknown_key,
+)
 
 CurveFactory = Callable[..., Curve]
 
-BUILTIN_CURVES: dict[str, Callable[..., LRScheduler]] = {
-    name: getattr(_builtins, name) for name in _builtins.__all__
-}
 _REGISTRY: dict[str, CurveFactory] = {}
-
-# Built-in argument rules, so errors read "expected an integer >= 0" rather than the
-# builder's own wording; anything they do not cover is still checked by the builder.
-_INT_ARGS = {"num_warmup_steps": 0, "num_training_steps": 0}
-_NUMBER_ARGS: dict[str, dict[str, float]] = {
-    "warmup_to_value": {},
-    "anneal_to_value": {},
-    "value": {},
-    "polynomial_exponent": {"gt": 0.0},
-    "warmup_multiplier": {"min": 1.0},
-}
+_NEW_KEY_HINT = "Declare a new key under `extend:`."
 _BOUND_ARGS = ("optimizer", "schedule_target", "default_value")
 # Classes whose arguments are callables or other schedulers, which a file cannot hold.
 _NOT_FROM_A_FILE = {
@@ -142,10 +132,8 @@ def parse_schedules(data: Any, path: str = "schedules") -> dict[str, ScheduleSpe
         where = f"{path}.{target}"
         try:
             parse_target(target, where)
-        except (TypeError, ValueError) as exc:
-            # The message starts with `where` (and the key); the ConfigError path says it.
-            message = str(exc).removeprefix(f"{where}={target!r} ").removeprefix(f"{where} ")
-            raise ConfigError(where, message) from None
+        except TargetError as error:
+            raise ConfigError(where, error.problem) from None
         specs[target] = _parse_entry(target, entry, where)
     return specs
 
@@ -167,7 +155,7 @@ def _parse_entry(target: str, entry: Any, path: str) -> ScheduleSpec:
                                 "a built-in or registered curve")
         if name in BUILTIN_CURVES:
             _check_signature(BUILTIN_CURVES[name], args, path, f"curve {name!r}", _BOUND_ARGS)
-            _check_builtin_args(args, path)
+            _builtin_curve(name, args, path)  # the curve checks its own arguments
         else:
             _check_signature(_REGISTRY[name], args, path, f"curve {name!r}", ())
     else:
@@ -191,19 +179,11 @@ def _unknown_name(path: str, name: Any, allowed: list[str], what: str) -> Config
                              f"known: {', '.join(allowed)}")
 
 
-def _check_builtin_args(args: Mapping[str, Any], path: str) -> None:
-    for key, value in args.items():
-        if key in _INT_ARGS:
-            check_int(value, f"{path}.{key}", min=_INT_ARGS[key])
-        elif key in _NUMBER_ARGS:
-            check_number(value, f"{path}.{key}", **_NUMBER_ARGS[key])
-    warmup, total = args.get("num_warmup_steps"), args.get("num_training_steps")
-    if warmup is not None and total is not None:
-        if total < warmup:
-            raise expected(f"{path}.num_training_steps",
-                           f"an integer >= num_warmup_steps ({warmup})", total)
-        if total == 0:
-            raise expected(f"{path}.num_training_steps", "an integer > 0", total)
+def _builtin_curve(name: str, args: Mapping[str, Any], path: str) -> Curve:
+    try:
+        return BUILTIN_CURVES[name](**args)
+    except ArgumentError as error:
+        raise from_argument_error(f"{path}.{error.argument}", error) from None
 
 
 def _check_annotated(value: Any, annotation: Any, path: str) -> None:
@@ -255,36 +235,42 @@ def parse_extend(data: Any, path: str = "extend") -> dict[str, float]:
 
 
 def _build_one(optimizer: Optimizer, spec: ScheduleSpec, path: str) -> LRScheduler:
-    """Build one member; the library's own errors become ConfigErrors at ``path``."""
+    """Build one member; the library's typed errors become ConfigErrors at ``path``."""
     try:
         return _construct(optimizer, spec, path)
-    except ConfigError:
-        raise
-    except (KeyError, TypeError, ValueError) as exc:
-        message = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
-        message = message.removeprefix(f"schedule_target={spec.target!r}: ").replace(
-            "Pass default_value=... or call extend_optimizer() to add a new key.",
-            "Declare a new key under `extend:`.")
+    except TargetError as error:
+        hint = _NEW_KEY_HINT if error.missing_key is not None else error.hint
+        raise ConfigError(path, f"{error.problem} {hint}".rstrip()) from None
+    except ArgumentError as error:
+        raise from_argument_error(f"{path}.{error.argument}", error) from None
+    except (KeyError, TypeError, ValueError) as error:  # a torch scheduler's own check
+        message = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
         raise ConfigError(path, message) from None
 
 
 def _construct(optimizer: Optimizer, spec: ScheduleSpec, path: str) -> LRScheduler:
-    if spec.kind == "curve" and spec.name in BUILTIN_CURVES:
-        return BUILTIN_CURVES[spec.name](optimizer, schedule_target=spec.target, **spec.args)
     if spec.kind == "curve":
-        curve = _REGISTRY[spec.name](**spec.args)
-        if not callable(curve):
-            raise ConfigError(path, f"registered curve {spec.name!r} returned {curve!r}, "
-                                    "not a function t -> multiplier")
-        first = curve(0)
-        if isinstance(first, bool) or not isinstance(first, (int, float)) or not math.isfinite(first):
-            raise ConfigError(path, f"curve {spec.name!r} gave {show(first)} at t=0; "
-                                    "expected a finite number")
-        return _builtins.bind_curve(optimizer, curve, spec.target)
+        if spec.name in BUILTIN_CURVES:
+            curve = _builtin_curve(spec.name, spec.args, path)
+        else:
+            curve = _registered_curve(spec, path)
+        return bind_curve(optimizer, curve, spec.target)
     cls = getattr(lr_scheduler, spec.name)
     return arbitrary_schedule_factory(
         optimizer, lambda proxy: cls(proxy, **spec.args), schedule_target=spec.target
     )
+
+
+def _registered_curve(spec: ScheduleSpec, path: str) -> Curve:
+    curve = _REGISTRY[spec.name](**spec.args)
+    if not callable(curve):
+        raise ConfigError(path, f"registered curve {spec.name!r} returned {curve!r}, "
+                                "not a function t -> multiplier")
+    first = curve(0)
+    if not is_real(first) or not math.isfinite(first):
+        raise ConfigError(path, f"curve {spec.name!r} gave {show(first)} at t=0; "
+                                "expected a finite number")
+    return curve
 
 
 def _apply_extend(optimizer: Optimizer, extend: Mapping[str, float], path: str) -> None:
@@ -301,7 +287,7 @@ def _apply_extend(optimizer: Optimizer, extend: Mapping[str, float], path: str) 
 def build_schedule(
     optimizer: Optimizer, spec: Mapping[str, Any] | TrainConfig | str | os.PathLike[str]
 ) -> SynchronousSchedule:
-    """Build the SynchronousSchedule that a spec describes (SPEC section 5).
+    """Build the SynchronousSchedule that a spec describes (``docs/api.md``).
 
     Args:
         optimizer: the real optimizer. Keys in ``extend`` are added to it first.
@@ -333,8 +319,6 @@ def build_schedule(
         extend, schedules = spec.extend, spec.schedules
     else:
         if isinstance(spec, (str, os.PathLike)):
-            from ._load import read_yaml
-
             spec = read_yaml(spec)
         data = as_mapping(spec, "", "a mapping with `schedules` (and optionally `extend`)")
         for key in data:
@@ -357,3 +341,22 @@ def build_schedule(
                 if isinstance(scheduler.optimizer, BoundOptimizer):
                     scheduler.optimizer.detach()
             raise
+
+
+class Run(NamedTuple):
+    """What a train config builds before any training: the optimizer and its schedule."""
+
+    optimizer: Optimizer
+    schedule: SynchronousSchedule
+
+
+def build_run(config: TrainConfig, param_groups: Sequence[dict[str, Any]] | None = None) -> Run:
+    """The config's optimizer over ``param_groups`` (dicts with ``params`` and maybe a
+    ``name``: ``decay`` / ``no_decay``) and its schedule, ``extend`` applied.
+
+    ``param_groups=None`` uses one placeholder parameter per group, shaped like the job's
+    groups: enough for every scheduled value (``schedany validate`` and ``preview``).
+    """
+    groups = placeholder_groups(config.optimizer) if param_groups is None else param_groups
+    optimizer = make_optimizer(config.optimizer, groups)
+    return Run(optimizer, build_schedule(optimizer, config))

@@ -8,8 +8,10 @@ its arguments); see :class:`OptimizerSection` and :class:`ScheduleSpec`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
+
+from .parsing import check_int, expected
 
 __all__ = [
     "ControlSection",
@@ -27,9 +29,13 @@ def _min(n: float) -> Any:
     return {"min": n}
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelSection:
-    """Shape of the byte-level transformer LM (vocabulary: the 256 byte values)."""
+    """Shape of the byte-level transformer LM (vocabulary: the 256 byte values).
+
+    The one description of the model's shape: the job's model is built from it. Built
+    from Python rather than a file, it checks its own fields (``ValueError``).
+    """
 
     d_model: int = field(default=64, metadata=_min(1))
     """Width of the residual stream."""
@@ -41,6 +47,13 @@ class ModelSection:
     """Context length in bytes; training chunks and eval windows are at most this long."""
     mlp_ratio: int = field(default=4, metadata=_min(1))
     """Hidden width of each MLP as a multiple of ``d_model``."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            check_int(getattr(self, f.name), f"model.{f.name}", min=f.metadata["min"])
+        if self.d_model % self.n_heads:
+            raise expected("model.n_heads", f"a divisor of model.d_model ({self.d_model})",
+                           self.n_heads)
 
 
 @dataclass
@@ -54,7 +67,7 @@ class DataSection:
     (``.py`` for the standard library)."""
     max_bytes: int = field(default=2 * 2**20, metadata=_min(2))
     """Cap on the corpus size: files are read in path order until this many bytes."""
-    eval_fraction: float = field(default=0.1, metadata={"gt": 0.0})
+    eval_fraction: float = field(default=0.1, metadata={"gt": 0.0, "lt": 1.0})
     """Fraction of documents held out for evaluation (in (0, 1))."""
     eval_windows: int = field(default=64, metadata=_min(1))
     """Number of fixed held-out windows of ``model.seq_len`` bytes the eval loss averages over."""
@@ -104,7 +117,7 @@ class ScheduleSpec:
     target: str
     """The optimizer key it drives: ``lr``, ``weight_decay``, ``betas[0]``, an extended key."""
     kind: Literal["curve", "scheduler"]
-    """``curve``: a built-in (SPEC section 3) or registered curve; ``scheduler``: a class of
+    """``curve``: a built-in (docs/api.md) or registered curve; ``scheduler``: a class of
     ``torch.optim.lr_scheduler``."""
     name: str
     """The curve's or the scheduler class's name."""
@@ -118,8 +131,8 @@ class ControlSection:
 
     kind: Literal["none", "logical_batch", "gnts"] = "none"
     """``none``: one micro-batch per rank per optimizer step. ``logical_batch``: accumulate
-    until the scheduled logical batch size is reached (paper 5.2). ``gnts``: accumulate
-    until the mean gradient's norm is under the scheduled threshold (paper 5.3)."""
+    until the scheduled logical batch size is reached. ``gnts``: accumulate
+    until the mean gradient's norm is under the scheduled threshold."""
     key: str | None = None
     """Optimizer key holding the control target; ``null`` means ``logical_batch_size``
     (logical_batch) or ``gradient_norm_threshold`` (gnts). It must be an optimizer
@@ -184,9 +197,9 @@ class TrainConfig:
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     """The torch optimizer and its param groups."""
     extend: dict[str, float] = field(default_factory=dict)
-    """New optimizer keys and their initial values (SPEC section 5)."""
+    """New optimizer keys and their initial values (docs/api.md, the schedule spec)."""
     schedules: dict[str, ScheduleSpec] = field(default_factory=dict)
-    """Target key -> schedule (SPEC section 5); at least one."""
+    """Target key -> schedule (docs/api.md, the schedule spec); at least one."""
     control: ControlSection = field(default_factory=ControlSection)
     """The reactive control loop."""
     train: TrainSection = field(default_factory=TrainSection)

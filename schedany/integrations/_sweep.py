@@ -19,16 +19,15 @@ sweep file (``search.schedules.lr.num_warmup_stepz: ...``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..config import ConfigError, TrainConfig, parse_config, read_yaml, validate_config
-from ..config._convert import as_mapping, from_mapping
-from ..config._errors import unknown_key
-from ..config._load import BLOCKS
+from ..config import ConfigError, TrainConfig, build_run, parse_config
+from ..config.parsing import as_mapping, from_mapping, read_yaml, unknown_key
 from ._tune_space import Distribution, parse_search
 
 __all__ = [
@@ -45,6 +44,7 @@ __all__ = [
 # PBT restores a donor's model and optimizer state into the explored config, so only
 # what the optimizer and schedules read may change; a new model shape or data stream
 # would not fit the donor's checkpoint.
+_BLOCKS = [f.name for f in dataclasses.fields(TrainConfig)]
 PBT_MUTABLE_BLOCKS = ("optimizer", "extend", "schedules", "control")
 
 
@@ -176,7 +176,7 @@ def resolve_trial_config(base: Mapping[str, Any], values: Mapping[str, Any]) -> 
     for path, value in values.items():
         set_path(data, path, value, where=path, create=True)
     config = parse_config(data)
-    validate_config(config)
+    build_run(config)
     return config
 
 
@@ -185,15 +185,15 @@ def _check_space(base: dict[str, Any], space: dict[str, Distribution], block: st
     for path, dist in space.items():
         where = f"{block}.{path}"
         head = path.split(".")[0]
-        if head not in BLOCKS:
+        if head not in _BLOCKS:
             raise ConfigError(where, f"unknown config path: {head!r} is not a block of a "
-                              f"train config ({', '.join(BLOCKS)})")
+                              f"train config ({', '.join(_BLOCKS)})")
         for value in dist.probes():
             data = copy.deepcopy(base)
             data.setdefault(head, {} if "." in path else None)
             set_path(data, path, value, where=where, create=False)
             try:
-                validate_config(parse_config(data))
+                build_run(parse_config(data))
             except ConfigError as exc:
                 if exc.path == path and exc.reason.startswith("unknown"):
                     raise ConfigError(where, f"unknown config path ({exc.reason})") from None
@@ -268,7 +268,7 @@ def load_sweep(path: str | os.PathLike[str], num_samples: int | None = None) -> 
         set_path(base, key, value, where=f"set.{key}", create=True)
     try:
         config = parse_config(base)
-        validate_config(config)
+        build_run(config)
     except ConfigError as exc:
         raise ConfigError("base", f"{base_path}: {exc}") from None
     # Trials run in their own working folders: a relative data folder is made absolute

@@ -20,6 +20,7 @@ Sampler guarantees (:class:`MicroBatchSampler`):
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import hashlib
 import os
 import random
@@ -30,21 +31,24 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..config import DataSection
+from ..errors import check_real
 from .model import IGNORE_INDEX, Batch
 
 __all__ = [
-    "DEFAULT_MAX_BYTES",
     "Corpus",
     "MicroBatchSampler",
     "eval_batches",
     "load_corpus",
 ]
 
-DEFAULT_MAX_BYTES = 4 * 2**20
-"""Default cap on the corpus size: the first 4 MiB of files, in path order."""
 
 # Left out of the default stdlib corpus: installed third-party packages (they differ
 # between machines), test suites (odd fixtures) and the generated codec tables.
+# The bounds data.eval_fraction is checked with, so a direct call obeys the same rule.
+_EVAL_FRACTION_BOUNDS = next(
+    f.metadata for f in dataclasses.fields(DataSection) if f.name == "eval_fraction"
+)
 _STDLIB_EXCLUDED_DIRS = frozenset(
     {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test", "encodings"}
 )
@@ -90,17 +94,14 @@ class Corpus:
         """Document ``index`` as a ``uint8`` view."""
         return self.data[self.offsets[index] : self.offsets[index + 1]]
 
-    def split(self, eval_fraction: float = 0.1, seed: int = 0) -> tuple[Corpus, Corpus]:
+    def split(self, eval_fraction: float = DataSection.eval_fraction, seed: int = 0) -> tuple[Corpus, Corpus]:
         """Split by document into ``(train, held_out)``.
 
         A document is held out when a hash of ``(seed, name)`` falls under
         ``eval_fraction``, so the split does not depend on the other documents and
         both parts keep path order. Each part gets at least one document.
         """
-        if not 0.0 < eval_fraction < 1.0:
-            raise ValueError(
-                f"Corpus.split: eval_fraction must be in (0, 1), got {eval_fraction!r}"
-            )
+        check_real(eval_fraction, "eval_fraction", func="Corpus.split", **_EVAL_FRACTION_BOUNDS)
         if len(self) < 2:
             raise ValueError(f"Corpus.split: need at least 2 documents, got {len(self)}")
         scores = [_unit_hash(f"{seed}:{name}") for name in self.names]
@@ -123,7 +124,7 @@ def load_corpus(
     path: str | os.PathLike[str] | None = None,
     *,
     suffixes: Sequence[str] | None = None,
-    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_bytes: int = DataSection.max_bytes,
 ) -> Corpus:
     """Read a folder of text files into a :class:`Corpus`.
 

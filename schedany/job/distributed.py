@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..config import ConfigError
+
 __all__ = [
     "DistEnv",
     "Strategy",
@@ -144,8 +146,8 @@ def resolve_strategy(strategy: Strategy, world_size: int) -> Literal["none", "dd
     if strategy == "auto":
         return "ddp" if world_size > 1 else "none"
     if strategy not in ("none", "ddp", "fsdp"):
-        raise ValueError(
-            f"distributed.strategy: expected one of auto, none, ddp, fsdp, got {strategy!r}"
+        raise ConfigError(
+            "distributed.strategy", f"expected one of auto, none, ddp, fsdp, got {strategy!r}"
         )
     return strategy
 
@@ -163,14 +165,14 @@ def wrap_model(model: nn.Module, strategy: Strategy, env: DistEnv) -> nn.Module:
     model = model.to(env.device)
     if resolved == "none":
         if env.is_distributed:
-            raise ValueError(
-                f"distributed.strategy: 'none' cannot train with world_size={env.world_size}; "
-                "use 'ddp' or 'fsdp'"
+            raise ConfigError(
+                "distributed.strategy",
+                f"'none' cannot train with world_size={env.world_size}; use 'ddp' or 'fsdp'",
             )
         return model
     if not dist.is_initialized():
-        raise ValueError(
-            f"distributed.strategy: {resolved!r} needs a process group; launch with torchrun"
+        raise ConfigError(
+            "distributed.strategy", f"{resolved!r} needs a process group; launch with torchrun"
         )
     if resolved == "ddp":
         from torch.nn.parallel import DistributedDataParallel

@@ -10,18 +10,19 @@ real token see a pad, so no extra attention mask is needed.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import ModelSection
+
 __all__ = [
     "IGNORE_INDEX",
     "Batch",
     "ByteTransformer",
-    "ModelConfig",
+    "VOCAB_SIZE",
     "build_model",
     "loss",
     "param_groups",
@@ -31,32 +32,8 @@ IGNORE_INDEX = -100
 """Target value of a pad position; such positions add nothing to the loss or the count."""
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    """Shape of a :class:`ByteTransformer`."""
-
-    vocab_size: int = 256
-    """Number of token ids; 256 covers every byte."""
-    d_model: int = 64
-    """Width of the residual stream."""
-    n_layers: int = 2
-    """Number of transformer blocks."""
-    n_heads: int = 4
-    """Attention heads per block; must divide ``d_model``."""
-    seq_len: int = 128
-    """Longest input the position embedding covers."""
-    mlp_ratio: int = 4
-    """Hidden width of the MLP as a multiple of ``d_model``."""
-
-    def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "seq_len", "mlp_ratio"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"ModelConfig.{name}: expected an integer >= 1, got {value!r}")
-        if self.d_model % self.n_heads:
-            raise ValueError(
-                f"ModelConfig.n_heads: must divide d_model={self.d_model}, got {self.n_heads}"
-            )
+VOCAB_SIZE = 256
+"""One token per byte value."""
 
 
 class Batch(NamedTuple):
@@ -81,7 +58,7 @@ class Batch(NamedTuple):
 
 
 class _Block(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelSection) -> None:
         super().__init__()
         d = config.d_model
         self.n_heads = config.n_heads
@@ -110,16 +87,16 @@ class ByteTransformer(nn.Module):
             whatever the global RNG state (a private generator is used).
     """
 
-    def __init__(self, config: ModelConfig | None = None, seed: int = 0) -> None:
+    def __init__(self, config: ModelSection | None = None, seed: int = 0) -> None:
         super().__init__()
-        self.config = config = config or ModelConfig()
-        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.config = config = config or ModelSection()
+        self.tok_emb = nn.Embedding(VOCAB_SIZE, config.d_model)
         self.pos_emb = nn.Embedding(config.seq_len, config.d_model)
         self.blocks = nn.ModuleList(_Block(config) for _ in range(config.n_layers))
         self.norm = nn.LayerNorm(config.d_model)
         # No bias (as in GPT-2): a biased Linear on 3-D input returns a view, which
         # FSDP2 warns about at the root module's output.
-        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.head = nn.Linear(config.d_model, VOCAB_SIZE, bias=False)
         self.reset_parameters(seed)
 
     @torch.no_grad()
@@ -157,7 +134,7 @@ class ByteTransformer(nn.Module):
         return self.head(self.norm(x))
 
 
-def build_model(config: ModelConfig | None = None, seed: int = 0) -> ByteTransformer:
+def build_model(config: ModelSection | None = None, seed: int = 0) -> ByteTransformer:
     """Build a :class:`ByteTransformer` on the CPU, initialised from ``seed``."""
     return ByteTransformer(config, seed)
 

@@ -102,10 +102,7 @@ class Trainer:
         random.seed(config.seed)
 
         model = build_model(config)
-        try:
-            self.model = wrap_model(model, config.distributed.strategy, self.env)
-        except ValueError as exc:  # strategy vs launch mismatch
-            raise ConfigError("distributed.strategy", str(exc).split(": ", 1)[-1]) from None
+        self.model = wrap_model(model, config.distributed.strategy, self.env)
         self.optimizer, self.schedule = build_run(config, self.model)
         self.controller = build_controller(config, self.model, self.optimizer)
         self.per_token = config.control.kind != "none" and config.control.items == "tokens"
