@@ -23,7 +23,6 @@ from ._targets import Target, parse_target
 from .errors import TargetValueError
 
 
-
 class _GroupView(dict):
     """One param group as a scheduler sees it: ``"lr"`` is the target.
 

@@ -11,7 +11,6 @@ from ._targets import did_you_mean, parse_target
 from .errors import TargetKeyError
 
 
-
 def extend_optimizer(
     optimizer: Optimizer, name: str, default_value: Any, overwrite_values: bool = False
 ) -> Optimizer:

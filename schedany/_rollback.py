@@ -14,7 +14,6 @@ from typing import Any
 from torch import Tensor
 from torch.optim import Optimizer
 
-
 _Snapshot = tuple[dict[str, Any], list[dict[str, tuple[Any, Any]]]]
 
 

@@ -13,8 +13,6 @@ from ._binding import BoundOptimizer, bound_target, real_optimizer
 from ._rollback import unchanged_on_error
 from ._targets import Target, parse_target
 
-
-
 _RAW_LR = parse_target("lr")  # what a raw torch scheduler drives
 
 

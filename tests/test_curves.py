@@ -18,8 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import schedany
-from schedany.curves import BUILTIN_CURVES
-from schedany.curves import constant_curve, warmup_anneal_curve
+from schedany.curves import BUILTIN_CURVES, constant_curve, warmup_anneal_curve
 
 L, M = 10, 110
 TS = (0, 1, L - 1, L, L + 1, (L + M) // 2, M - 1, M, M + 1, 2 * M)

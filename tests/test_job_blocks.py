@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from schedany import cosine_annealing_with_warmup, extend_optimizer
+from schedany.config import ModelSection
 from schedany.job.checkpoint import (
     CheckpointError,
     capture_rng_state,
@@ -36,7 +37,6 @@ from schedany.job.distributed import (
     teardown,
     wrap_model,
 )
-from schedany.config import ModelSection
 from schedany.job.model import IGNORE_INDEX, Batch, build_model, loss, param_groups
 
 TINY = ModelSection(d_model=32, n_layers=2, n_heads=2, seq_len=32)

@@ -10,7 +10,15 @@ import torch.optim
 from torch.optim import Optimizer
 
 from ._schema import OptimizerSection
-from .parsing import ConfigError, as_mapping, check_number, did_you_mean, expected, show, unknown_key
+from .parsing import (
+    ConfigError,
+    as_mapping,
+    check_number,
+    did_you_mean,
+    expected,
+    show,
+    unknown_key,
+)
 
 GROUP_NAMES = ("decay", "no_decay")
 _NON_NEGATIVE = ("lr", "weight_decay", "momentum", "eps", "dampening")
