@@ -35,6 +35,7 @@ __all__ = [
     "check_integer",
     "check_real",
     "closest",
+    "is_integer",
     "is_real",
 ]
 
@@ -110,6 +111,11 @@ class TargetValueError(TargetError, ValueError):
     """The target is malformed, its index out of range, or it cannot be scheduled so."""
 
 
+def is_integer(value: Any) -> bool:
+    """An integer: a Python or numpy int, never a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def is_real(value: Any) -> bool:
     """A real scalar: a Python or numpy int or float, never a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
@@ -129,7 +135,7 @@ def check_integer(
     """``value`` as an ``int`` if it is an integer (numpy's too, never a bool) within
     the bounds (``min`` inclusive, ``gt`` exclusive); else an :class:`ArgumentError`."""
     expected = _bounded("an integer", min, gt)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not is_integer(value):
         raise ArgumentTypeError(func, argument, value, expected)
     if (min is not None and value < min) or (gt is not None and value <= gt):
         raise ArgumentValueError(func, argument, value, expected)

@@ -24,7 +24,7 @@ from .._rollback import unchanged_on_error
 from .._synchronous import SynchronousSchedule
 from .._targets import parse_target
 from ..curves import BUILTIN_CURVES, Curve
-from ..errors import ArgumentError, TargetError, is_real
+from ..errors import ArgumentError, TargetError, is_integer, is_real
 from ._optimizer import make_optimizer, placeholder_groups
 from ._schema import ScheduleSpec, TrainConfig
 from .parsing import (
@@ -194,10 +194,9 @@ def _check_annotated(value: Any, annotation: Any, path: str) -> None:
     if value is None and "None" in options:
         return
     for option in options:
-        if option == "int" and isinstance(value, int) and not isinstance(value, bool):
+        if option == "int" and is_integer(value):
             return
-        if option == "float" and not isinstance(value, bool) and isinstance(value, (int, float)) \
-                and math.isfinite(value):
+        if option == "float" and is_real(value) and math.isfinite(value):
             return
         if option == "bool" and isinstance(value, bool):
             return

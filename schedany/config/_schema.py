@@ -13,16 +13,6 @@ from typing import Any, Literal
 
 from .parsing import check_int, expected
 
-__all__ = [
-    "ControlSection",
-    "DataSection",
-    "DistributedSection",
-    "ModelSection",
-    "OptimizerSection",
-    "ScheduleSpec",
-    "TrainConfig",
-    "TrainSection",
-]
 
 
 def _min(n: float) -> Any:

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ..config import DataSection
-from ..errors import check_real
+from ..errors import check_integer, check_real
 from .model import IGNORE_INDEX, Batch
 
 __all__ = [
@@ -223,10 +223,7 @@ class MicroBatchSampler:
             ("world_size", world_size, 1),
             ("min_len", min_len, 1),
         ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(
-                    f"MicroBatchSampler: {name} must be an integer >= {low}, got {value!r}"
-                )
+            check_integer(value, name, min=low, func="MicroBatchSampler")
         if min_len > seq_len:
             raise ValueError(f"MicroBatchSampler: min_len={min_len} exceeds seq_len={seq_len}")
         if not 0 <= rank < world_size:
@@ -273,11 +270,7 @@ class MicroBatchSampler:
                 f"MicroBatchSampler.load_state_dict: expected keys ['cursor', 'seed'], got {sorted(state)}"
             )
         for key in ("seed", "cursor"):
-            value = state[key]
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(
-                    f"MicroBatchSampler.load_state_dict: {key} must be an integer >= 0, got {value!r}"
-                )
+            check_integer(state[key], key, min=0, func="MicroBatchSampler.load_state_dict")
         self.seed, self.cursor = state["seed"], state["cursor"]
 
 
