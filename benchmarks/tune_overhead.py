@@ -31,9 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from schedany.config import parse_config, validate_config  # noqa: E402
-from schedany.integrations._sweep import load_sweep, resolve_trial_config  # noqa: E402
-from schedany.integrations._tune_cluster import ray_session  # noqa: E402
-from schedany.integrations.ray_tune import make_tuner  # noqa: E402
+from schedany.integrations._sweep import load_sweep  # noqa: E402
+from schedany.integrations._tune_space import resolve_trial_config  # noqa: E402
+from schedany.integrations.ray_tune import make_tuner, ray_session  # noqa: E402
 
 WARMUPS = [0, 4, 8, 12, 16, 20, 24, 28]
 

@@ -14,12 +14,15 @@ class ConfigError(ValueError):
 
     The message starts with the dotted path of the offending entry, then says what was
     expected and what was found: ``schedules.lr.num_warmup_steps: expected an integer
-    >= 0, got -5``. ``path`` holds the dotted path on its own ("" for the whole file).
+    >= 0, got -5``. ``path`` holds the dotted path on its own ("" for the whole file);
+    ``kind`` says what went wrong without reading the message (``"unknown_key"`` from
+    :func:`unknown_key`, else ``"invalid"``).
     """
 
-    def __init__(self, path: str, message: str) -> None:
+    def __init__(self, path: str, message: str, *, kind: str = "invalid") -> None:
         self.path = path
         self.reason = message
+        self.kind = kind
         super().__init__(f"{path}: {message}" if path else message)
 
 
@@ -60,4 +63,5 @@ def unknown_key(path: str, key: str, allowed: Iterable[str], what: str = "field"
     allowed = list(allowed)
     hint = did_you_mean(key, allowed)
     where = f"{path}.{key}" if path else key
-    return ConfigError(where, f"unknown {what}{hint}; expected one of {', '.join(allowed)}")
+    message = f"unknown {what}{hint}; expected one of {', '.join(allowed)}"
+    return ConfigError(where, message, kind="unknown_key")
