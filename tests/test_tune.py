@@ -33,11 +33,16 @@ from schedany import SynchronousSchedule  # noqa: E402
 from schedany.cli import main  # noqa: E402
 from schedany.config import ConfigError, build_schedule, parse_config  # noqa: E402
 from schedany.curves import warmup_anneal_curve  # noqa: E402
-from schedany.integrations._sweep import load_sweep, resolve_trial_config  # noqa: E402
-from schedany.integrations._tune_cluster import ClusterError, parse_address, ray_session  # noqa: E402
-from schedany.integrations._tune_restore import advance, rebuild_at_step  # noqa: E402
-from schedany.integrations._tune_schedulers import LegalExplore  # noqa: E402
-from schedany.integrations._tune_space import parse_distribution, parse_search  # noqa: E402
+from schedany.integrations._sweep import load_sweep  # noqa: E402
+from schedany.integrations._tune_space import (  # noqa: E402
+    LegalExplore,
+    advance,
+    parse_distribution,
+    parse_search,
+    rebuild_at_step,
+    resolve_trial_config,
+)
+from schedany.integrations.ray_tune import ClusterError, parse_address, ray_session  # noqa: E402
 from schedany.job.build import build_run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,8 +211,7 @@ def test_example_sweeps_are_valid(name: str) -> None:
 
 def test_a_trial_too_big_for_the_local_ray_is_refused() -> None:
     from schedany.integrations._sweep import ResourcesSection
-    from schedany.integrations._tune_cluster import Connection
-    from schedany.integrations.ray_tune import _check_fits
+    from schedany.integrations.ray_tune import Connection, _check_fits
 
     local = Connection("local", "local", 2.0)
     _check_fits(ResourcesSection(cpus=1.0, workers=2), Connection("cluster", "auto", 2.0))

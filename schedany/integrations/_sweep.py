@@ -1,4 +1,4 @@
-"""The sweep file (SPEC section 6): ``base`` + ``set`` + ``search`` + ``tune``, checked
+"""The sweep file (docs/tuning.md): ``base`` + ``set`` + ``search`` + ``tune``, checked
 in full before Ray starts. Does not import ray.
 
 .. code-block:: yaml
@@ -21,25 +21,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from ..config import ConfigError, TrainConfig, build_run, parse_config
 from ..config.parsing import as_mapping, from_mapping, read_yaml, unknown_key
-from ._tune_space import Distribution, parse_search
-
-__all__ = [
-    "AshaSection",
-    "PbtSection",
-    "ResourcesSection",
-    "Sweep",
-    "TuneSection",
-    "load_sweep",
-    "resolve_trial_config",
-    "set_path",
-]
+from ._tune_space import Distribution, parse_search, set_path
 
 # PBT restores a donor's model and optimizer state into the explored config, so only
 # what the optimizer and schedules read may change; a new model shape or data stream
@@ -150,44 +138,17 @@ class Sweep:
         return self.tune.name or self.path.stem
 
 
-def set_path(data: dict[str, Any], path: str, value: Any, *, where: str, create: bool) -> None:
-    """Write ``value`` at dotted ``path`` of ``data`` in place. With ``create=False``
-    every mapping on the way must already exist (a search path must name a field of a
-    block or a schedule the base config has)."""
-    parts = path.split(".")
-    node = data
-    for depth, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        here = ".".join(parts[: depth + 1])
-        if child is None:
-            if not create:
-                raise ConfigError(where, f"unknown config path: the base config has no {here!r}")
-            child = node[part] = {}
-        elif not isinstance(child, dict):
-            raise ConfigError(where, f"unknown config path: {here!r} is a value, not a mapping")
-        node = child
-    node[parts[-1]] = copy.deepcopy(value)
-
-
-def resolve_trial_config(base: Mapping[str, Any], values: Mapping[str, Any]) -> TrainConfig:
-    """``base`` with each dotted ``path: value`` of ``values`` written in, parsed and
-    validated. Raises :class:`ConfigError`."""
-    data = copy.deepcopy(dict(base))
-    for path, value in values.items():
-        set_path(data, path, value, where=path, create=True)
-    config = parse_config(data)
-    build_run(config)
-    return config
-
-
 def _check_space(base: dict[str, Any], space: dict[str, Distribution], block: str) -> None:
     """Try every probe value of every path on the base config."""
     for path, dist in space.items():
         where = f"{block}.{path}"
         head = path.split(".")[0]
         if head not in _BLOCKS:
-            raise ConfigError(where, f"unknown config path: {head!r} is not a block of a "
-                              f"train config ({', '.join(_BLOCKS)})")
+            raise ConfigError(
+                where,
+                f"unknown config path: {head!r} is not a block of a "
+                f"train config ({', '.join(_BLOCKS)})",
+            )
         for value in dist.probes():
             data = copy.deepcopy(base)
             data.setdefault(head, {} if "." in path else None)
@@ -195,7 +156,7 @@ def _check_space(base: dict[str, Any], space: dict[str, Distribution], block: st
             try:
                 build_run(parse_config(data))
             except ConfigError as exc:
-                if exc.path == path and exc.reason.startswith("unknown"):
+                if exc.path == path and exc.kind == "unknown_key":
                     raise ConfigError(where, f"unknown config path ({exc.reason})") from None
                 raise ConfigError(
                     where, f"{dist.kind} value {value!r} does not fit the base config: {exc}"
@@ -213,8 +174,10 @@ def _check_pbt(sweep: Sweep) -> None:
             "none or asha, or workers: 1",
         )
     if pbt.perturbation_interval is None:
-        raise ConfigError("tune.pbt.perturbation_interval", "required field is missing "
-                          f"(a multiple of train.log_every = {train.log_every})")
+        raise ConfigError(
+            "tune.pbt.perturbation_interval",
+            f"required field is missing (a multiple of train.log_every = {train.log_every})",
+        )
     if pbt.perturbation_interval % train.log_every:
         raise ConfigError(
             "tune.pbt.perturbation_interval",
@@ -228,14 +191,20 @@ def _check_pbt(sweep: Sweep) -> None:
             f"got {pbt.perturbation_interval}",
         )
     if pbt.quantile_fraction > 0.5:
-        raise ConfigError("tune.pbt.quantile_fraction",
-                          f"expected a number in [0, 0.5], got {pbt.quantile_fraction!r}")
+        raise ConfigError(
+            "tune.pbt.quantile_fraction",
+            f"expected a number in [0, 0.5], got {pbt.quantile_fraction!r}",
+        )
     if pbt.resample_probability > 1.0:
-        raise ConfigError("tune.pbt.resample_probability",
-                          f"expected a number in [0, 1], got {pbt.resample_probability!r}")
+        raise ConfigError(
+            "tune.pbt.resample_probability",
+            f"expected a number in [0, 1], got {pbt.resample_probability!r}",
+        )
     if not sweep.mutations:
-        raise ConfigError("tune.pbt.mutations", "PBT needs at least one path to mutate "
-                          "(give tune.pbt.mutations or a search block)")
+        raise ConfigError(
+            "tune.pbt.mutations",
+            "PBT needs at least one path to mutate (give tune.pbt.mutations or a search block)",
+        )
     for path in sweep.mutations:
         if path.split(".")[0] not in PBT_MUTABLE_BLOCKS:
             where = "tune.pbt.mutations" if pbt.mutations is not None else "search"
@@ -249,14 +218,18 @@ def _check_pbt(sweep: Sweep) -> None:
 def load_sweep(path: str | os.PathLike[str], num_samples: int | None = None) -> Sweep:
     """Read and check a sweep file; ``num_samples`` overrides ``tune.num_samples``."""
     sweep_path = Path(path)
-    data = as_mapping(read_yaml(sweep_path), os.fspath(sweep_path), "a mapping (base, search, tune)")
+    data = as_mapping(
+        read_yaml(sweep_path), os.fspath(sweep_path), "a mapping (base, search, tune)"
+    )
     allowed = ("base", "set", "search", "tune")
     for key in data:
         if key not in allowed:
             raise unknown_key("", key, allowed, "block")
     if "base" not in data:
-        raise ConfigError("base", "required field is missing (the train config to sweep, "
-                          "relative to the sweep file)")
+        raise ConfigError(
+            "base",
+            "required field is missing (the train config to sweep, relative to the sweep file)",
+        )
     if not isinstance(data["base"], str) or not data["base"]:
         raise ConfigError("base", f"expected a path to a train config, got {data['base']!r}")
     base_path = (sweep_path.parent / data["base"]).resolve()
@@ -277,8 +250,11 @@ def load_sweep(path: str | os.PathLike[str], num_samples: int | None = None) -> 
         base.setdefault("data", {})["path"] = os.path.abspath(config.data.path)
 
     if "search" not in data:
-        raise ConfigError("search", "required field is missing (dotted config path -> "
-                          "distribution, e.g. schedules.lr.num_warmup_steps: {randint: [5, 50]})")
+        raise ConfigError(
+            "search",
+            "required field is missing (dotted config path -> "
+            "distribution, e.g. schedules.lr.num_warmup_steps: {randint: [5, 50]})",
+        )
     search = parse_search(data["search"], "search")
     if not search:
         raise ConfigError("search", "expected at least one config path to search over")
@@ -300,13 +276,19 @@ def load_sweep(path: str | os.PathLike[str], num_samples: int | None = None) -> 
     if tune.scheduler == "asha":
         asha, steps = tune.asha, config.train.steps
         if asha.max_t is not None and asha.max_t > steps:
-            raise ConfigError("tune.asha.max_t", f"expected at most train.steps ({steps}), "
-                              f"got {asha.max_t}")
+            raise ConfigError(
+                "tune.asha.max_t", f"expected at most train.steps ({steps}), got {asha.max_t}"
+            )
         grace = asha.grace_period or config.train.log_every
         if grace > (asha.max_t or steps):
-            raise ConfigError("tune.asha.grace_period",
-                              f"expected at most max_t ({asha.max_t or steps}), got {grace}")
+            raise ConfigError(
+                "tune.asha.grace_period",
+                f"expected at most max_t ({asha.max_t or steps}), got {grace}",
+            )
     if tune.resources.workers > 1 and config.distributed.strategy == "none":
-        raise ConfigError("tune.resources.workers", f"{tune.resources.workers} workers need "
-                          "distributed.strategy auto, ddp or fsdp in the base config, not none")
+        raise ConfigError(
+            "tune.resources.workers",
+            f"{tune.resources.workers} workers need "
+            "distributed.strategy auto, ddp or fsdp in the base config, not none",
+        )
     return sweep

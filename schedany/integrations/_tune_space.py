@@ -1,10 +1,12 @@
-"""Search distributions of a sweep file, as plain data, and their Ray Tune form.
+"""The search space of a sweep (docs/tuning.md, "The sweep file"): its distributions,
+one point of it written into a train config, and PBT's two moves between points —
+:class:`LegalExplore` picks a legal explored config, :func:`rebuild_at_step` restores a
+donor's checkpoint into it (the one place that does, for the reference job's trials
+and for :func:`~schedany.integrations.ray_tune.restore`).
 
-A sweep's ``search`` block maps a dotted config path to one distribution::
+A ``search`` block maps a dotted config path to one distribution::
 
     schedules.lr.num_warmup_steps: {randint: [5, 50]}      # integers 5..50, both included
-    schedules.lr.anneal_to_value: {loguniform: [1.0e-3, 0.1]}
-    schedules.lr.curve: {choice: [cosine_annealing_with_warmup, linear_schedule_with_warmup]}
     optimizer.weight_decay: {grid: [0.0, 0.01, 0.1]}
 
 This module does not import ray: a :class:`Distribution` validates and clamps values
@@ -13,25 +15,29 @@ by itself, and only :meth:`Distribution.to_tune` imports ``ray.tune``.
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from ..config import ConfigError
+from torch.optim import Optimizer
 
-__all__ = ["Distribution", "Kind", "parse_distribution", "parse_search"]
+from .._synchronous import SynchronousSchedule
+from ..config import ConfigError, TrainConfig, parse_config
+
+logger = logging.getLogger(__name__)
+
+_ORDER_WARNING = r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`"
 
 Kind = Literal["uniform", "loguniform", "randint", "choice", "grid"]
 KINDS: tuple[str, ...] = get_args(Kind)
 
 
 def _is_number(value: Any) -> bool:
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-    )
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _is_int(value: Any) -> bool:
@@ -112,7 +118,9 @@ def parse_distribution(spec: Any, path: str) -> Distribution:
     ((kind, args),) = spec.items()
     where = f"{path}.{kind}"
     if kind not in KINDS:
-        raise ConfigError(path, f"unknown distribution {kind!r}; expected one of {', '.join(KINDS)}")
+        raise ConfigError(
+            path, f"unknown distribution {kind!r}; expected one of {', '.join(KINDS)}"
+        )
     if kind in ("choice", "grid"):
         if not isinstance(args, list) or not args:
             raise ConfigError(where, f"expected a non-empty list of values, got {args!r}")
@@ -143,10 +151,168 @@ def parse_distribution(spec: Any, path: str) -> Distribution:
 def parse_search(search: Any, path: str = "search") -> dict[str, Distribution]:
     """Check a whole ``search`` block: dotted config path -> distribution."""
     if not isinstance(search, Mapping):
-        raise ConfigError(path, f"expected a mapping of config path -> distribution, got {search!r}")
+        raise ConfigError(
+            path, f"expected a mapping of config path -> distribution, got {search!r}"
+        )
     space: dict[str, Distribution] = {}
     for key, spec in search.items():
         if not isinstance(key, str) or not key or any(not part for part in key.split(".")):
-            raise ConfigError(path, f"expected a dotted config path like 'schedules.lr.num_warmup_steps', got {key!r}")
+            raise ConfigError(
+                path,
+                f"expected a dotted config path like 'schedules.lr.num_warmup_steps', got {key!r}",
+            )
         space[key] = parse_distribution(spec, f"{path}.{key}")
     return space
+
+
+# --- one point of the space, written into a config -----------------------------------
+
+
+def set_path(data: dict[str, Any], path: str, value: Any, *, where: str, create: bool) -> None:
+    """Write ``value`` at dotted ``path`` of ``data`` in place. With ``create=False``
+    every mapping on the way must already exist (a search path must name a field of a
+    block or a schedule the base config has)."""
+    parts = path.split(".")
+    node = data
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        here = ".".join(parts[: depth + 1])
+        if child is None:
+            if not create:
+                raise ConfigError(where, f"unknown config path: the base config has no {here!r}")
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(where, f"unknown config path: {here!r} is a value, not a mapping")
+        node = child
+    node[parts[-1]] = copy.deepcopy(value)
+
+
+def resolve_trial_config(base: Mapping[str, Any], values: Mapping[str, Any]) -> TrainConfig:
+    """``base`` with each dotted ``path: value`` of ``values`` written in and parsed
+    strictly (the trial builds it). Raises :class:`ConfigError`."""
+    data = copy.deepcopy(dict(base))
+    for path, value in values.items():
+        set_path(data, path, value, where=path, create=True)
+    return parse_config(data)
+
+
+# --- PBT's explore step --------------------------------------------------------------
+
+
+def _lookup(data: Mapping[str, Any], path: str) -> Any:
+    node: Any = data
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+class LegalExplore:
+    """PBT's ``custom_explore_fn``: a legal trial config from a perturbed one.
+
+    Ray perturbs a value by ×1.2 / ×0.8 or resamples it; that can leave the declared
+    range, make a warmup longer than the training, or (for a value that started as a
+    float) give a float where the config wants an integer. Each of these is repaired,
+    then the whole config is checked; anything still wrong falls back to the base
+    config's values.
+
+    Args:
+        base: the base train config (plain data) the trial values are written into.
+        mutations: dotted path -> the distribution it was declared with.
+    """
+
+    def __init__(self, base: Mapping[str, Any], mutations: Mapping[str, Distribution]) -> None:
+        self.base = dict(base)
+        self.mutations = dict(mutations)
+
+    def __call__(self, config: dict[str, Any]) -> dict[str, Any]:
+        out = dict(config)
+        for path, dist in self.mutations.items():
+            if path in out:
+                out[path] = dist.clamp(out[path])
+        self._fit_warmups(out)
+        try:
+            resolve_trial_config(self.base, out)
+        except ConfigError as exc:
+            logger.warning(
+                "PBT explored an illegal config (%s); keeping the base values of %s",
+                exc,
+                sorted(self.mutations),
+            )
+            for path in self.mutations:
+                base_value = _lookup(self.base, path)
+                if base_value is None:
+                    out.pop(path, None)
+                else:
+                    out[path] = base_value
+        return out
+
+    def _fit_warmups(self, out: dict[str, Any]) -> None:
+        """Warmup <= training steps in every schedule: a mutated warmup is cut to the
+        training length; a mutated training length is raised to the warmup."""
+        for name, entry in (self.base.get("schedules") or {}).items():
+            if not isinstance(entry, Mapping):
+                continue
+            w_path = f"schedules.{name}.num_warmup_steps"
+            m_path = f"schedules.{name}.num_training_steps"
+            warmup = out.get(w_path, entry.get("num_warmup_steps"))
+            total = out.get(m_path, entry.get("num_training_steps"))
+            if not (isinstance(warmup, int) and isinstance(total, int)) or warmup <= total:
+                continue
+            if w_path in self.mutations:
+                out[w_path] = total
+            else:
+                out[m_path] = warmup
+
+
+# --- PBT's restore into an explored config ------------------------------------------
+
+
+def advance(schedule: SynchronousSchedule, steps: int) -> None:
+    """Step ``schedule`` ``steps`` times without training (replaying its curve).
+
+    Replaying, rather than jumping, works for every torch scheduler, including the
+    chainable ones (StepLR, ExponentialLR) whose value depends on the previous one.
+    """
+    if steps < 0:
+        raise ValueError(f"advance: steps must be >= 0, got {steps}")
+    with warnings.catch_warnings():
+        # No optimizer step happens here on purpose: the schedule is only positioned.
+        warnings.filterwarnings("ignore", message=_ORDER_WARNING, category=UserWarning)
+        for _ in range(steps):
+            schedule.step()
+
+
+def rebuild_at_step(
+    optimizer: Optimizer,
+    schedule: SynchronousSchedule,
+    optimizer_state: Mapping[str, Any],
+    step: int,
+    *,
+    controller: Any = None,
+    controller_state: Mapping[str, Any] | None = None,
+) -> None:
+    """Load a checkpoint's optimizer (and controller) state into an optimizer and
+    schedule (and controller) freshly built from the trial's current config, with the
+    schedule positioned at ``step``.
+
+    Loading the donor's schedule state would bring back the donor's curve and its
+    values in the optimizer. So only the optimizer's *state* (moments, step counts)
+    comes from the checkpoint: afterwards every param group holds the current config's
+    hyperparameters, the scheduled ones at their value for ``step``. The sweep file
+    allows PBT to mutate only what this keeps consistent (``PBT_MUTABLE_BLOCKS`` of
+    ``_sweep``).
+    """
+    if schedule.last_epoch != 0:
+        raise ValueError(
+            f"rebuild_at_step needs a schedule fresh from its config (last_epoch 0), "
+            f"got last_epoch {schedule.last_epoch}"
+        )
+    advance(schedule, step)
+    fresh = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(dict(optimizer_state))
+    for group, values in zip(optimizer.param_groups, fresh):
+        group.update(values)
+    if controller is not None and controller_state is not None:
+        controller.load_state_dict(controller_state)

@@ -1,5 +1,6 @@
 """Ray Tune adapter: sweep schedule hyperparameters of the reference job, or of your own
-training function, with grid/random search, ASHA or Population Based Training.
+training function, with grid/random search, ASHA or Population Based Training
+(docs/tuning.md).
 
 - :func:`tune_command` is ``schedany tune SWEEP [--address ADDR] [--num-samples N]``.
 - :func:`load_sweep` checks a sweep file; :func:`run_sweep` runs it and returns Tune's
@@ -10,6 +11,11 @@ training function, with grid/random search, ASHA or Population Based Training.
   ``global_step``, every scheduled value and a checkpoint, and restore with the schedule
   rebuilt from the trial's current config (what PBT needs).
 
+This module is the driver: where a sweep runs (:func:`ray_session`), its Tuner and
+trial scheduler, and the closing summary. The sweep file is checked in ``_sweep``; the
+search space and PBT's explore and restore live in ``_tune_space``; what runs inside a
+trial (ours, or your :func:`report` / :func:`restore`) in ``_tune_run``.
+
 Targets the current Tune API (``tune.Tuner``, ``tune.report``, ``tune.get_checkpoint``,
 ``tune.RunConfig``). Ray is imported inside the functions that need it, so importing
 this module is cheap, and ``import schedany`` never imports it.
@@ -17,22 +23,32 @@ this module is cheap, and ``import schedany`` never imports it.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import re
 import shutil
+import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ..config import ConfigError, config_to_dict
-from ._sweep import ResourcesSection, Sweep, TuneSection, load_sweep, resolve_trial_config
-from ._tune_cluster import ClusterError, Connection, ray_session
-from ._tune_schedulers import LegalExplore, make_scheduler
-from ._tune_space import Distribution, parse_search
-from ._tune_trial import LOG_SUBDIR, TrialSettings, job_folder, run_trial
-from ._tune_user import report, restore, schedule_metrics
+from ._sweep import ResourcesSection, Sweep, TuneSection, load_sweep
+from ._tune_run import (
+    LOG_SUBDIR,
+    TrialSettings,
+    job_folder,
+    report,
+    restore,
+    run_trial,
+    schedule_metrics,
+)
+from ._tune_space import Distribution, LegalExplore, parse_search, resolve_trial_config
 
 __all__ = [
     "ClusterError",
@@ -50,6 +66,153 @@ __all__ = [
     "schedule_metrics",
     "tune_command",
 ]
+
+
+# --- where a sweep runs: an embedded local Ray, or an existing cluster by address -------
+
+_HOST_PORT = re.compile(
+    r"^(?:(?P<scheme>ray)://)?(?P<host>\[[0-9a-fA-F:]+\]|[^:/\s]+):(?P<port>\d{1,5})$"
+)
+
+
+class ClusterError(RuntimeError):
+    """The Ray cluster named by an address cannot be reached (exit code 1)."""
+
+
+@dataclass(frozen=True)
+class Connection:
+    """How a sweep reached Ray, for the closing message."""
+
+    mode: str
+    """``"local"`` (started here, stopped at the end) or ``"cluster"``."""
+    address: str
+    num_cpus: float
+
+
+def parse_address(address: str, where: str = "--address") -> tuple[str, int] | None:
+    """``(host, port)`` of a ``host:port`` / ``ray://host:port`` address, ``None`` for
+    ``auto``; a :class:`~schedany.config.ConfigError` naming ``where`` (a bad argument)
+    for anything else."""
+    if address == "auto":
+        return None
+    match = _HOST_PORT.match(address.strip())
+    if match is None or not 0 < int(match["port"]) < 65536:
+        raise ConfigError(where, f"expected 'auto', HOST:PORT or ray://HOST:PORT, got {address!r}")
+    return match["host"].strip("[]"), int(match["port"])
+
+
+def _probe(host: str, port: int, address: str, timeout_s: float) -> None:
+    """A TCP connect, so a wrong address fails now instead of after Ray's retries."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ClusterError(
+            f"cannot reach a Ray cluster at {address} ({reason}). Start one with "
+            f"`ray start --head --port {port}`, pass the address it prints, or omit "
+            f"--address for a local Ray."
+        ) from None
+
+
+@contextlib.contextmanager
+def ray_session(
+    address: str | None,
+    *,
+    probe_timeout_s: float = 3.0,
+    num_cpus: int | None = None,
+    env_vars: Mapping[str, str] | None = None,
+) -> Iterator[Connection]:
+    """Connect (or start), yield a :class:`Connection`, and disconnect at the end.
+
+    Only a local Ray started here is stopped by ``ray.shutdown``; leaving a cluster
+    only disconnects this driver. ``num_cpus`` sizes a local Ray (default: this
+    machine's cores); it is ignored for a cluster. ``env_vars`` are set in every
+    worker of this job (a cluster's workers do not see this process's environment).
+    A malformed ``address`` (or ``RAY_ADDRESS``) is a
+    :class:`~schedany.config.ConfigError`, raised before Ray is imported.
+    """
+    where = "--address"
+    if address is None:
+        address, where = os.environ.get("RAY_ADDRESS") or None, "RAY_ADDRESS"
+    if address is not None:
+        hostport = parse_address(address, where)
+        if hostport is not None:
+            _probe(*hostport, address, probe_timeout_s)
+    import ray  # after the probe: a wrong address fails before this slow import
+
+    if ray.is_initialized():
+        raise ClusterError("Ray is already initialised in this process; call ray.shutdown() first")
+    quiet: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if env_vars:
+        quiet["runtime_env"] = {"env_vars": dict(env_vars)}
+    try:
+        if address is None:
+            ray.init(
+                address="local",
+                num_cpus=num_cpus or os.cpu_count(),
+                include_dashboard=False,
+                **quiet,
+            )
+            mode = "local"
+        else:
+            ray.init(address=address, **quiet)
+            mode = "cluster"
+    except ConnectionError as exc:
+        hint = ""
+        if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+            # Ray sends its token only to a cluster it found itself, never to an
+            # address it was given, unless told to.
+            hint = (
+                " If the cluster uses token authentication (Ray's default for "
+                "`ray start`), set RAY_AUTH_MODE=token and the cluster's token in "
+                "RAY_AUTH_TOKEN or ~/.ray/auth_token."
+            )
+        raise ClusterError(f"cannot connect to a Ray cluster at {address}: {exc}.{hint}") from None
+    try:
+        connection = Connection(
+            mode, address or "local", float(ray.cluster_resources().get("CPU", 0.0))
+        )
+        yield connection
+    finally:
+        ray.shutdown()
+
+
+# --- the Tuner --------------------------------------------------------------------------
+
+
+TIME_ATTR = "global_step"
+"""ASHA and PBT count time in optimizer steps (every report carries it)."""
+
+
+def make_scheduler(sweep: Sweep) -> Any:
+    """The Ray Tune trial scheduler of ``tune.scheduler`` (``None`` for ``none``)."""
+    t, train = sweep.tune, sweep.config.train
+    if t.scheduler == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
+
+    if t.scheduler == "asha":
+        return ASHAScheduler(
+            time_attr=TIME_ATTR,
+            max_t=t.asha.max_t or train.steps,
+            grace_period=t.asha.grace_period or train.log_every,
+            reduction_factor=t.asha.reduction_factor,
+            brackets=t.asha.brackets,
+        )
+    pbt = t.pbt
+    assert pbt.perturbation_interval is not None  # load_sweep checked it
+    return PopulationBasedTraining(
+        time_attr=TIME_ATTR,
+        perturbation_interval=pbt.perturbation_interval,
+        burn_in_period=pbt.burn_in_period,
+        hyperparam_mutations={p: d.to_mutation() for p, d in sweep.mutations.items()},
+        quantile_fraction=pbt.quantile_fraction,
+        resample_probability=pbt.resample_probability,
+        perturbation_factors=tuple(pbt.perturbation_factors),
+        custom_explore_fn=LegalExplore(sweep.base, sweep.mutations),
+        synch=pbt.synch,
+    )
 
 
 def build_search_space(search: Mapping[str, Any]) -> dict[str, Any]:
@@ -142,7 +305,9 @@ def make_tuner(sweep: Sweep, connection: Connection, *, verbose: int = 1) -> Any
     )
 
 
-def run_sweep(sweep: Sweep, address: str | None = None, *, verbose: int = 1) -> tuple[Any, Connection]:
+def run_sweep(
+    sweep: Sweep, address: str | None = None, *, verbose: int = 1
+) -> tuple[Any, Connection]:
     """Run ``sweep`` and return ``(ResultGrid, Connection)``.
 
     ``address=None`` (and no ``RAY_ADDRESS``): an embedded local Ray, stopped at the end.

@@ -1,8 +1,10 @@
-"""What runs inside one trial: the reference job, reporting to Tune every
-``train.log_every`` optimizer steps with a checkpoint of the same step, restoring from
-Tune's checkpoint, and rebuilding the schedule when the config changed (PBT).
+"""What runs inside a trial: the reference job (:func:`run_trial`) or your own function
+(:func:`report`, :func:`restore`), reporting to Tune with checkpoints and restoring
+from them (docs/tuning.md, "What a trial does" and "Your own training function").
 
-Imported on Ray workers only; ray is imported inside the functions.
+After a PBT exploit both restores load the donor's checkpoint through
+:func:`~schedany.integrations._tune_space.rebuild_at_step`. Ray is imported inside the
+functions.
 """
 
 from __future__ import annotations
@@ -13,26 +15,30 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+from torch.optim import Optimizer
+
+from .._synchronous import SynchronousSchedule
 from ..config import TrainConfig
 from ..job.build import build_controller, build_run
 from ..job.distributed import is_rank0
 from ..job.trainer import Report, Trainer, TrainResult, train
-from ._sweep import resolve_trial_config
-from ._tune_restore import rebuild_at_step
-
-__all__ = ["TrialSettings", "job_folder", "run_trial", "stage_restore", "trial_config"]
+from ._tune_space import rebuild_at_step, resolve_trial_config
+from .tensorboard import schedule_tags
 
 VALUES_FILE = "trial_values.json"
-"""Written into every Tune checkpoint: the trial's sampled values, so a restore can
-tell whether its config changed since (PBT) and the schedule must be rebuilt."""
+"""Written into every Tune checkpoint of :func:`run_trial`: the trial's sampled values,
+so a restore can tell whether its config changed since (PBT)."""
 LOG_SUBDIR = "logs"
 """Per-trial TensorBoard event files, ``metrics.jsonl`` and ``config.yaml``."""
 JOB_CHECKPOINT_SUBDIR = "job_checkpoints"
+
+# --- the reference job as a trial ------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -50,14 +56,16 @@ class TrialSettings:
 
 
 def trial_config(
-    config: TrainConfig, trial_dir: str | os.PathLike[str], metric: str,
+    config: TrainConfig,
+    trial_dir: str | os.PathLike[str],
+    metric: str,
     job_dir: str | os.PathLike[str] | None = None,
 ) -> TrainConfig:
     """``config`` with the trial's own log folder, job checkpoints in ``job_dir``
     (default: inside ``trial_dir``), a checkpoint at every report, an evaluation at
     every report when the metric is ``eval/loss``, and no progress bar."""
     t = config.train
-    train = dataclasses.replace(
+    train_section = dataclasses.replace(
         t,
         log_dir=os.path.join(trial_dir, LOG_SUBDIR),
         checkpoint_dir=os.fspath(job_dir or os.path.join(trial_dir, JOB_CHECKPOINT_SUBDIR)),
@@ -65,17 +73,24 @@ def trial_config(
         eval_every=t.log_every if metric == "eval/loss" else t.eval_every,
         progress="none",
     )
-    return dataclasses.replace(config, train=train)
+    return dataclasses.replace(config, train=train_section)
 
 
 class TuneTrainer(Trainer):
-    """The reference :class:`~schedany.job.trainer.Trainer`, whose restore rebuilds the
-    schedule from this trial's config when ``rebuild_schedule`` is set (see
-    :func:`~schedany.integrations._tune_restore.rebuild_at_step`); ``on_checkpoint``
-    runs on every rank right after each checkpoint (multi-worker trials report there)."""
+    """The reference :class:`~schedany.job.trainer.Trainer`, whose restore goes through
+    :func:`~schedany.integrations._tune_space.rebuild_at_step` when ``rebuild_schedule``
+    is set (the trial's values changed since the checkpoint: a PBT exploit).
+    ``on_checkpoint`` runs on every rank right after each checkpoint (multi-worker
+    trials report there)."""
 
-    def __init__(self, config: TrainConfig, *, report: Report | None, rebuild_schedule: bool,
-                 on_checkpoint: Any = None) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        report: Report | None,
+        rebuild_schedule: bool,
+        on_checkpoint: Callable[[str], None] | None = None,
+    ) -> None:
         super().__init__(config, report=report)
         self.rebuild_schedule = rebuild_schedule
         self.on_checkpoint = on_checkpoint
@@ -84,13 +99,19 @@ class TuneTrainer(Trainer):
         path = super().resume()
         if path is None or not self.rebuild_schedule:
             return path
-        # super() loaded the donor's optimizer (with its hyperparameters) and schedule;
-        # keep the optimizer's state and rebuild the rest from this trial's config.
+        # super() loaded the donor's state into the objects built from this config;
+        # keep the model, data position and RNG, and rebuild the rest from this config.
         optimizer, schedule = build_run(self.config, self.model)
-        rebuild_at_step(optimizer, schedule, self.optimizer.state_dict(), self.step)
         controller = build_controller(self.config, self.model, optimizer)
-        if controller is not None:
-            controller.load_state_dict(self.controller.state_dict())
+        saved = None if self.controller is None else self.controller.state_dict()
+        rebuild_at_step(
+            optimizer,
+            schedule,
+            self.optimizer.state_dict(),
+            self.step,
+            controller=controller,
+            controller_state=saved,
+        )
         self.optimizer, self.schedule, self.controller = optimizer, schedule, controller
         return path
 
@@ -195,12 +216,10 @@ def run_trial(values: dict[str, Any], *, settings: TrialSettings) -> None:
         _run(
             config,
             report=_Reporter(values, Path(staging)),
+            # A restart after a crash has the same values and resumes as `schedany train`.
             rebuild_schedule=saved is not None and saved != values,
         )
     shutil.rmtree(job_dir, ignore_errors=True)  # done: Tune holds the checkpoints
-
-
-# --- multi-worker trials (Ray Train TorchTrainer) -------------------------------------
 
 
 def _run_ddp_trial(values: dict[str, Any], settings: TrialSettings) -> None:
@@ -208,27 +227,27 @@ def _run_ddp_trial(values: dict[str, Any], settings: TrialSettings) -> None:
 
     Job checkpoints live in the experiment folder (a filesystem every worker sees) and
     crashed workers are restarted by Ray Train (``max_failures``) from them; metrics
-    reach Tune through ``TuneReportCallback``.
+    reach Tune through ``TuneReportCallback``. PBT is refused for these trials, so they
+    never restore into an explored config.
     """
     import ray.train
     from ray import tune
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    context = tune.get_context()
-    local_trial_dir = Path(context.get_trial_dir())
+    local_trial_dir = Path(tune.get_context().get_trial_dir())
     # The trial's own folder in the experiment, where Tune writes its results too.
-    trial_dir = Path(settings.storage_dir) / local_trial_dir.name if settings.storage_dir \
-        else local_trial_dir
+    trial_dir = local_trial_dir
+    if settings.storage_dir:
+        trial_dir = Path(settings.storage_dir) / local_trial_dir.name
+    gpus = {"GPU": settings.gpus_per_worker} if settings.gpus_per_worker else {}
     trainer = TorchTrainer(
         _ddp_worker,
         train_loop_config={"values": values, "settings": settings, "trial_dir": str(trial_dir)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=settings.workers,
             use_gpu=settings.gpus_per_worker > 0,
-            resources_per_worker={"CPU": settings.cpus_per_worker,
-                                  **({"GPU": settings.gpus_per_worker}
-                                     if settings.gpus_per_worker else {})},
+            resources_per_worker={"CPU": settings.cpus_per_worker, **gpus},
         ),
         run_config=ray.train.RunConfig(
             name="ray_train",
@@ -258,3 +277,101 @@ def _ddp_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report({})
 
     _run(config, report=report, rebuild_schedule=False, on_checkpoint=others_report)
+
+
+# --- your own function trainable -------------------------------------------------------
+
+
+def schedule_metrics(schedule: SynchronousSchedule, controller: Any = None) -> dict[str, float]:
+    """``schedule/<key>/<group>`` for every scheduled key and param group (the
+    TensorBoard tags, docs/inspecting_schedules.md), and ``control/<metric>`` for a
+    controller. Two groups with the same label are a ``ValueError``, as in
+    :class:`~schedany.integrations.tensorboard.ScheduleLogger`."""
+    out = {
+        tag: value
+        for name, tags in schedule_tags(schedule).items()
+        for tag, value in zip(tags, schedule.get_last_schedule(name))
+    }
+    if controller is not None:
+        out.update({f"control/{k}": float(v) for k, v in controller.metrics().items()})
+    return out
+
+
+def report(
+    step: int,
+    schedule: SynchronousSchedule,
+    metrics: Mapping[str, float] | None = None,
+    *,
+    model: nn.Module | None = None,
+    optimizer: Optimizer | None = None,
+    controller: Any = None,
+) -> None:
+    """``tune.report`` of ``global_step``, the scheduled values and ``metrics``, from
+    your own function trainable; call it after ``optimizer.step()`` and before
+    ``schedule.step()``, so the values are the ones that step used.
+
+    With ``model`` and ``optimizer`` it also reports a checkpoint (model, optimizer,
+    schedule, controller, step) that :func:`restore` reads back.
+    """
+    from ray import tune
+
+    from ..job.checkpoint import save_checkpoint
+
+    values = {"global_step": int(step), **schedule_metrics(schedule, controller), **(metrics or {})}
+    if model is None or optimizer is None:
+        tune.report(values)
+        return
+    state = {
+        "step": int(step),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "controller": None if controller is None else controller.state_dict(),
+    }
+    folder = Path(tempfile.mkdtemp(prefix="schedany-tune-"))
+    try:
+        save_checkpoint(folder, int(step), state, keep_last=1)
+        tune.report(values, checkpoint=tune.Checkpoint.from_directory(folder))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def restore(
+    *,
+    model: nn.Module,
+    optimizer: Optimizer,
+    schedule: SynchronousSchedule,
+    controller: Any = None,
+) -> int:
+    """Load this trial's Tune checkpoint (a PBT donor's, after an exploit) and return
+    its step; 0 without one.
+
+    ``optimizer`` and ``schedule`` must be freshly built from the trial's *current*
+    config: the schedule is positioned at the restored step on its own curve, and the
+    optimizer keeps the checkpoint's state but the current config's hyperparameters
+    (docs/tuning.md, "Population Based Training"): after a PBT exploit, the explored
+    values win over the donor's.
+    """
+    from ray import tune
+
+    from ..job.checkpoint import CheckpointError, latest_valid_checkpoint, load_checkpoint
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as folder:
+        ref = latest_valid_checkpoint(folder)
+        if ref is None:
+            raise CheckpointError(f"Tune checkpoint {folder} holds no valid schedany checkpoint")
+        state = load_checkpoint(ref)
+    model.load_state_dict(state["model"])
+    step = int(state["step"])
+    rebuild_at_step(
+        optimizer,
+        schedule,
+        state["optimizer"],
+        step,
+        controller=controller,
+        controller_state=state["controller"],
+    )
+    return step
