@@ -14,7 +14,6 @@ from typing import Any, Literal
 from .parsing import check_int, expected
 
 
-
 def _min(n: float) -> Any:
     return {"min": n}
 
