@@ -219,7 +219,24 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+class _RefusedTag(yaml.constructor.ConstructorError):
+    """A tag the safe loader has no constructor for (``!!python/object``, ``!foo``)."""
+
+    def __init__(self, tag: str, mark: yaml.Mark) -> None:
+        super().__init__(None, None, f"refused tag {tag!r}", mark)
+        self.tag = tag
+
+
+def _refuse_tag(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+    raise _RefusedTag(node.tag, node.start_mark)
+
+
+# Unknown tags (None) reach this constructor instead of SafeLoader's generic error, so
+# the refusal is recognised by its type.
+_Loader.add_constructor(None, _refuse_tag)
+_Loader.yaml_implicit_resolvers = {
+    k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?[eE][-+]?\d+$"),
@@ -230,15 +247,13 @@ _Loader.add_implicit_resolver(
 def _yaml_error(where: str, exc: yaml.YAMLError) -> ConfigError:
     mark = getattr(exc, "problem_mark", None)
     at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-    problem = getattr(exc, "problem", None) or str(exc)
-    if "python/" in problem or "constructor for the tag" in problem:
-        tag = re.search(r"tag '([^']*)'", problem)
+    if isinstance(exc, _RefusedTag):
         return ConfigError(
-            where, f"refused YAML tag {tag.group(1) if tag else ''}{at}: configs are read with "
+            where, f"refused YAML tag {exc.tag}{at}: configs are read with "
             "yaml.safe_load, which never constructs Python objects or imports code; write "
             "plain values (custom curves are registered from Python with register_curve)"
         )
-    return ConfigError(where, f"invalid YAML{at}: {problem}")
+    return ConfigError(where, f"invalid YAML{at}: {getattr(exc, 'problem', None) or exc}")
 
 
 def _parse_yaml(text: str, where: str) -> Any:
