@@ -106,18 +106,6 @@ def _run(config: TrainConfig, *, report: Report | None, **trainer_args: Any) -> 
     return train(config, report=report, trainer_cls=functools.partial(TuneTrainer, **trainer_args))
 
 
-def _checkpoint_files(path: Path) -> list[Path]:
-    """The files of one job checkpoint: ``step_N.pt`` + ``step_N.json``, or ``step_N/``."""
-    return [path] if path.is_dir() else [path, path.with_suffix(".json")]
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    if src.is_dir():
-        shutil.copytree(src, dst, copy_function=_link_file)
-    else:
-        _link_file(str(src), str(dst))
-
-
 def _link_file(src: str, dst: str) -> None:
     try:
         os.link(src, dst)  # checkpoints are never rewritten in place, so a link is safe
@@ -143,7 +131,7 @@ def stage_restore(checkpoint: Any, job_dir: Path) -> dict[str, Any] | None:
     with checkpoint.as_directory() as folder:
         for entry in Path(folder).iterdir():
             if entry.name.startswith("step_"):
-                _link_or_copy(entry, job_dir / entry.name)
+                shutil.copytree(entry, job_dir / entry.name, copy_function=_link_file)
         return json.loads((Path(folder) / VALUES_FILE).read_text())
 
 
@@ -164,14 +152,13 @@ class _Reporter:
             return
         folder = Path(tempfile.mkdtemp(dir=self.staging))
         try:
-            for src in _checkpoint_files(Path(checkpoint_path)):
-                _link_or_copy(src, folder / src.name)
+            src = Path(checkpoint_path)  # one job checkpoint: the folder step_N/
+            shutil.copytree(src, folder / src.name, copy_function=_link_file)
             (folder / VALUES_FILE).write_text(json.dumps(self.values))
             # tune.report persists the folder to the storage path before it returns,
             # so the job's own copy is no longer needed (and is not synced twice).
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
-            for src in _checkpoint_files(Path(checkpoint_path)):
-                shutil.rmtree(src) if src.is_dir() else src.unlink(missing_ok=True)
+            shutil.rmtree(src, ignore_errors=True)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 

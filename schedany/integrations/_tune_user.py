@@ -76,14 +76,12 @@ def report(
         return
     state = {
         "step": int(step),
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
         "schedule": schedule.state_dict(),
         "controller": None if controller is None else controller.state_dict(),
     }
     folder = Path(tempfile.mkdtemp(prefix="schedany-tune-"))
     try:
-        save_checkpoint(folder, int(step), state, keep_last=1)
+        save_checkpoint(folder, int(step), model, optimizer, state, keep_last=1)
         tune.report(values, checkpoint=tune.Checkpoint.from_directory(folder))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -112,14 +110,18 @@ def restore(
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
         return 0
+    # The checkpoint brings back the donor's hyperparameters with its optimizer state;
+    # this trial's own values are put back first, for rebuild_at_step to start from.
+    fresh = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     with checkpoint.as_directory() as folder:
         ref = latest_valid_checkpoint(folder)
         if ref is None:
             raise CheckpointError(f"Tune checkpoint {folder} holds no valid schedany checkpoint")
-        state = load_checkpoint(ref)
-    model.load_state_dict(state["model"])
+        state, _ = load_checkpoint(ref, model, optimizer)
+    for group, values in zip(optimizer.param_groups, fresh):
+        group.update(values)
     step = int(state["step"])
-    rebuild_at_step(optimizer, schedule, state["optimizer"], step)
+    rebuild_at_step(optimizer, schedule, optimizer.state_dict(), step)
     if controller is not None and state["controller"] is not None:
         controller.load_state_dict(state["controller"])
     return step
