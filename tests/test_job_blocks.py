@@ -342,6 +342,8 @@ def test_checkpoint_ignores_partial_writes_and_foreign_pickles(
     model2, opt2, _, _ = _make_run(corpus, seed=1)
     assert load_checkpoint(ref, model2, opt2) == ({"step": 3}, None)
     assert all(torch.equal(a, b) for a, b in zip(_params(model), _params(model2)))
+    save_checkpoint(tmp_path, 4, model, opt, {"step": 4})  # and the next save clears them
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003", "step_00000004"]
 
     # A .metadata naming anything but DCP's own classes is refused, even with a
     # manifest that matches it.

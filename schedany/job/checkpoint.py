@@ -210,6 +210,8 @@ def _prune(directory: Path, keep_last: int) -> None:
     for entry in directory.iterdir():
         if entry.name.startswith(".tmp."):  # left by a crash mid-write
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink(missing_ok=True)
+        elif _NAME.match(entry.name) and not (entry / _MANIFEST).is_file():
+            shutil.rmtree(entry, ignore_errors=True)  # left by a crash mid-removal
 
 
 # --- save and load -----------------------------------------------------------------
