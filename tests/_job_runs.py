@@ -95,9 +95,6 @@ def records(run: Path) -> list[dict]:
 
 
 def final_params(run: Path, tmp: Path) -> dict[str, torch.Tensor]:
-    single = run / "ckpt" / f"step_{STEPS:08d}.pt"
-    if single.exists():
-        return torch.load(single, weights_only=True)["model"]
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     out = tmp / f"{run.name}.pt"

@@ -24,10 +24,8 @@ from schedany.job.checkpoint import (
     latest_valid_checkpoint,
     list_checkpoints,
     load_checkpoint,
-    load_distributed_checkpoint,
     restore_rng_state,
     save_checkpoint,
-    save_distributed_checkpoint,
 )
 from schedany.job.data import Corpus, MicroBatchSampler, eval_batches, load_corpus
 from schedany.job.distributed import (
@@ -218,23 +216,10 @@ def _make_run(corpus: Corpus, seed: int = 0):
     return model, opt, schedule, MicroBatchSampler(corpus, 4, TINY.seq_len, seed=1)
 
 
-def _snapshot(model, opt, schedule, sampler, step: int) -> dict:
-    return {
-        "step": step,
-        "model": model.state_dict(),
-        "optimizer": opt.state_dict(),
-        "schedule": schedule.state_dict(),
-        "data": sampler.state_dict(),
-        "rng": capture_rng_state(),
-    }
-
-
-def _restore(snapshot: dict, model, opt, schedule, sampler) -> None:
-    model.load_state_dict(snapshot["model"])
-    opt.load_state_dict(snapshot["optimizer"])
-    schedule.load_state_dict(snapshot["schedule"])
-    sampler.load_state_dict(snapshot["data"])
-    restore_rng_state(snapshot["rng"])
+def _tiny_run() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A model and optimizer for checkpoint tests that are about the files, not the run."""
+    model = torch.nn.Linear(3, 2)
+    return model, torch.optim.SGD(model.parameters(), lr=0.1)
 
 
 def test_checkpoint_round_trip_resumes_bitwise(corpus: Corpus, tmp_path: Path) -> None:
@@ -244,7 +229,14 @@ def test_checkpoint_round_trip_resumes_bitwise(corpus: Corpus, tmp_path: Path) -
         _train_step(model, opt, next(sampler))
         schedule.step()
     opt.param_groups[1]["gradient_norm_threshold"] = 0.4
-    ref = save_checkpoint(tmp_path, 2, _snapshot(model, opt, schedule, sampler, 2))
+    ref = save_checkpoint(
+        tmp_path,
+        2,
+        model,
+        opt,
+        {"step": 2, "schedule": schedule.state_dict(), "data": sampler.state_dict()},
+        rank_state={"rng": capture_rng_state()},
+    )
     for _ in range(2):
         _train_step(model, opt, next(sampler))
         schedule.step()
@@ -253,9 +245,11 @@ def test_checkpoint_round_trip_resumes_bitwise(corpus: Corpus, tmp_path: Path) -
 
     model2, opt2, schedule2, sampler2 = _make_run(corpus, seed=1)
     assert latest_valid_checkpoint(tmp_path) == ref
-    state = load_checkpoint(ref)
+    state, own = load_checkpoint(ref, model2, opt2)
     assert state["step"] == 2
-    _restore(state, model2, opt2, schedule2, sampler2)
+    schedule2.load_state_dict(state["schedule"])
+    sampler2.load_state_dict(state["data"])
+    restore_rng_state(own["rng"])
     for _ in range(2):
         _train_step(model2, opt2, next(sampler2))
         schedule2.step()
@@ -274,11 +268,13 @@ def test_rng_state_round_trip_covers_python_random() -> None:
 
 def test_unloadable_state_is_refused_before_writing(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match=r"state\['schedule'\]\['fn'\] is a builtins.function"):
-        save_checkpoint(tmp_path, 1, {"schedule": {"fn": lambda t: t}})
+        save_checkpoint(tmp_path, 1, *_tiny_run(), {"schedule": {"fn": lambda t: t}})
     with pytest.raises(TypeError, match="numpy"):
         import numpy as np
 
-        save_checkpoint(tmp_path, 1, {"x": np.float64(1.0)})
+        save_checkpoint(tmp_path, 1, *_tiny_run(), {"x": np.float64(1.0)})
+    with pytest.raises(TypeError, match=r"rank_state\['rng'\] is a builtins.object"):
+        save_checkpoint(tmp_path, 1, *_tiny_run(), {}, rank_state={"rng": object()})
     assert not list(tmp_path.iterdir())
 
 
@@ -286,63 +282,69 @@ def test_unloadable_state_is_refused_before_writing(tmp_path: Path) -> None:
 def test_damaged_checkpoint_is_refused_and_the_previous_one_used(
     tmp_path: Path, damage: str
 ) -> None:
+    model, opt = _tiny_run()
     for step in (1, 2):
-        save_checkpoint(tmp_path, step, {"step": step, "w": torch.full((256,), float(step))})
+        state = {"step": step, "w": torch.full((256,), float(step))}
+        save_checkpoint(tmp_path, step, model, opt, state)
     newest = list_checkpoints(tmp_path)[0]
-    data = newest.path.read_bytes()
+    plain, shard = newest.path / "state.pt", next(newest.path.glob("*.distcp"))
     if damage == "truncate":
-        newest.path.write_bytes(data[: len(data) // 2])
+        plain.write_bytes(plain.read_bytes()[: plain.stat().st_size // 2])
     elif damage == "flip":
-        newest.path.write_bytes(data[:-40] + bytes([data[-40] ^ 1]) + data[-39:])
+        data = shard.read_bytes()
+        shard.write_bytes(data[:-40] + bytes([data[-40] ^ 1]) + data[-39:])
     elif damage == "no_manifest":  # a crash between payload and manifest
         newest.manifest.unlink()
     else:
-        newest.path.unlink()
+        shard.unlink()
 
     if damage != "no_manifest":
         with pytest.raises(CheckpointError, match="corrupt or truncated|missing"):
-            load_checkpoint(newest)
+            load_checkpoint(newest, model, opt)
         with pytest.warns(RuntimeWarning, match="skipping checkpoint"):
             ref = latest_valid_checkpoint(tmp_path)
     else:
         with pytest.raises(CheckpointError, match="no manifest"):
-            load_checkpoint(newest)
+            load_checkpoint(newest, model, opt)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             ref = latest_valid_checkpoint(tmp_path)
     assert ref is not None and ref.step == 1
-    assert load_checkpoint(ref)["step"] == 1
+    assert load_checkpoint(ref, model, opt)[0]["step"] == 1
 
 
 def test_keep_last_prunes_old_checkpoints(tmp_path: Path) -> None:
+    model, opt = _tiny_run()
     for step in range(1, 6):
-        save_checkpoint(tmp_path, step, {"step": step}, keep_last=2)
+        save_checkpoint(tmp_path, step, model, opt, {"step": step}, keep_last=2)
     assert [r.step for r in list_checkpoints(tmp_path)] == [5, 4]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "step_00000004.json",
-        "step_00000004.pt",
-        "step_00000005.json",
-        "step_00000005.pt",
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000004", "step_00000005"]
+    # One process writes the layout N ranks write: DCP files, state, manifest.
+    assert sorted(p.name for p in (tmp_path / "step_00000005").iterdir()) == [
+        ".metadata",
+        "MANIFEST.json",
+        "__0_0.distcp",
+        "state.pt",
     ]
     assert latest_valid_checkpoint(tmp_path / "nothing") is None
 
 
-def test_dcp_checkpoint_in_one_process_ignores_partial_writes_and_foreign_pickles(
+def test_checkpoint_ignores_partial_writes_and_foreign_pickles(
     corpus: Corpus, tmp_path: Path
 ) -> None:
     model, opt, _, sampler = _make_run(corpus)
     _train_step(model, opt, next(sampler))
-    ref = save_distributed_checkpoint(tmp_path, 3, model, opt, {"step": 3})
+    ref = save_checkpoint(tmp_path, 3, model, opt, {"step": 3})
     # What a crash leaves: a temporary folder, a renamed folder without its manifest.
     (tmp_path / ".tmp.step_00000009").mkdir()
     (tmp_path / "step_00000008").mkdir()
     (tmp_path / "step_00000008" / "state.pt").write_bytes(b"partial")
     assert latest_valid_checkpoint(tmp_path) == ref
     model2, opt2, _, _ = _make_run(corpus, seed=1)
-    assert load_distributed_checkpoint(ref, model2, opt2) == ({"step": 3}, None)
+    assert load_checkpoint(ref, model2, opt2) == ({"step": 3}, None)
     assert all(torch.equal(a, b) for a, b in zip(_params(model), _params(model2)))
-    with pytest.raises(CheckpointError, match="single-process"):
-        load_distributed_checkpoint(save_checkpoint(tmp_path, 4, {}), model2, opt2)
+    save_checkpoint(tmp_path, 4, model, opt, {"step": 4})  # and the next save clears them
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003", "step_00000004"]
 
     # A .metadata naming anything but DCP's own classes is refused, even with a
     # manifest that matches it.
@@ -354,7 +356,7 @@ def test_dcp_checkpoint_in_one_process_ignores_partial_writes_and_foreign_pickle
     }
     ref.manifest.write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="refusing to load global builtins.print"):
-        load_distributed_checkpoint(ref, model2, opt2)
+        load_checkpoint(ref, model2, opt2)
 
 
 # --- distributed ---------------------------------------------------------------------
@@ -385,7 +387,7 @@ def test_agent_store_group_keys_live_under_the_restart_count(monkeypatch) -> Non
     assert keys and all(key.startswith("/schedany/attempt_2/") for key in keys), keys
 
 
-def _dcp_round_trip(env, strategy: str, root: Path, corpus: Corpus) -> None:
+def _dcp_round_trip(env, strategy: str, root: Path, corpus: Corpus, single: Path) -> None:
     def make(seed: int, threshold: float | None, weight_decay: float = 0.3):
         model = wrap_model(build_model(TINY, seed=seed), strategy, env)
         opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=1e-2)
@@ -398,7 +400,7 @@ def _dcp_round_trip(env, strategy: str, root: Path, corpus: Corpus) -> None:
     sampler = MicroBatchSampler(corpus, 2, TINY.seq_len, rank=env.rank, world_size=env.world_size)
     for step in (1, 2):
         _train_step(model, opt, next(sampler))
-        save_distributed_checkpoint(
+        save_checkpoint(
             root,
             step,
             model,
@@ -406,8 +408,11 @@ def _dcp_round_trip(env, strategy: str, root: Path, corpus: Corpus) -> None:
             {"step": step, "data": sampler.state_dict()},
             rank_state={"rank": env.rank, "rng": capture_rng_state()},
         )
+        params = _params(model)  # a collective under FSDP
+        if env.rank == 0:  # for the one-process load of this checkpoint, after the spawn
+            torch.save(params, root.parent / f"{strategy}_step_{step}.pt")
     ref = latest_valid_checkpoint(root)
-    assert ref is not None and ref.step == 2 and ref.distributed
+    assert ref is not None and ref.step == 2
     saved = _params(model)
     batch = next(sampler)
     _train_step(model, opt, batch)
@@ -417,7 +422,7 @@ def _dcp_round_trip(env, strategy: str, root: Path, corpus: Corpus) -> None:
     # threshold=5.0: the key exists and DCP itself must overwrite it.
     for seed, threshold in ((7, None), (8, 5.0)):
         model2, opt2 = make(seed, threshold)
-        state, own = load_distributed_checkpoint(ref, model2, opt2)
+        state, own = load_checkpoint(ref, model2, opt2)
         assert state == {"step": 2, "data": {"seed": 0, "cursor": 2 * 2 * env.world_size}}
         assert own is not None and own["rank"] == env.rank
         assert [g["gradient_norm_threshold"] for g in opt2.param_groups] == [1.0, 0.25]
@@ -432,13 +437,22 @@ def _dcp_round_trip(env, strategy: str, root: Path, corpus: Corpus) -> None:
         shard.write_bytes(shard.read_bytes()[:-7])
     dist.barrier()
     with pytest.raises(CheckpointError, match="corrupt"):
-        load_distributed_checkpoint(ref, *make(9, None))
+        load_checkpoint(ref, *make(9, None))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         previous = latest_valid_checkpoint(root)
     assert previous is not None and previous.step == 1
-    state, _ = load_distributed_checkpoint(previous, *make(9, None))
+    state, _ = load_checkpoint(previous, *make(9, None))
     assert state["step"] == 1
+
+    # A checkpoint written by one process loads on every rank; rank 1, which did not
+    # exist there, gets rank 0's rank_state.
+    model3, opt3 = make(10, None)
+    state, own = load_checkpoint(latest_valid_checkpoint(single), model3, opt3)
+    assert state == {"step": 1} and own == {"rank": 0}
+    expected = torch.load(single.parent / "single_step_1.pt", weights_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(expected, _params(model3))), strategy
+    assert [g["gradient_norm_threshold"] for g in opt3.param_groups] == [1.0, 0.25]
 
 
 def _dcp_worker(rank: int, world: int, tmp: str) -> None:
@@ -449,11 +463,36 @@ def _dcp_worker(rank: int, world: int, tmp: str) -> None:
         assert dist.get_backend() == "gloo" and env.rank == rank and env.world_size == world
         corpus = load_corpus(max_bytes=100_000)
         for strategy in ("ddp", "fsdp"):
-            _dcp_round_trip(env, strategy, Path(tmp) / strategy, corpus)
+            _dcp_round_trip(env, strategy, Path(tmp) / strategy, corpus, Path(tmp) / "single")
     finally:
         teardown()
 
 
 @pytest.mark.slow
-def test_dcp_round_trip_ddp_and_fsdp2_keeps_extended_keys(tmp_path: Path) -> None:
+def test_dcp_round_trip_ddp_and_fsdp2_keeps_extended_keys(corpus: Corpus, tmp_path: Path) -> None:
+    """Save and load on 2 ranks (DDP, FSDP2); and across world sizes: a one-process
+    checkpoint loads on 2 ranks, a 2-rank one in one process (DCP reshards)."""
+    model = build_model(TINY, seed=4)
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-2)
+    extend_optimizer(opt, "gradient_norm_threshold", 1.0)
+    opt.param_groups[1]["gradient_norm_threshold"] = 0.25
+    _train_step(model, opt, next(MicroBatchSampler(corpus, 2, TINY.seq_len)))
+    save_checkpoint(tmp_path / "single", 1, model, opt, {"step": 1}, rank_state={"rank": 0})
+    torch.save(_params(model), tmp_path / "single_step_1.pt")
+
     mp.spawn(_dcp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+
+    for strategy in ("ddp", "fsdp"):
+        model = build_model(TINY, seed=11)
+        opt = torch.optim.AdamW(param_groups(model, 0.3), lr=1e-2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the workers damaged step 2
+            ref = latest_valid_checkpoint(tmp_path / strategy)
+        assert ref is not None and ref.step == 1
+        state, own = load_checkpoint(ref, model, opt)
+        assert state["step"] == 1 and own is not None and own["rank"] == 0
+        expected = torch.load(tmp_path / f"{strategy}_step_1.pt", weights_only=True)
+        assert all(torch.equal(a, b) for a, b in zip(expected, _params(model))), strategy
+        assert [g["gradient_norm_threshold"] for g in opt.param_groups] == [1.0, 0.25]
+        assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+        assert all(int(s["step"]) == 1 for s in opt.state.values())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -354,8 +355,7 @@ def test_reference_trainer_resume_gives_one_continuous_curve(tmp_path: Path) -> 
     job("resumed", "train.steps=6")
     newest = checkpoint.list_checkpoints(tmp_path / "resumed" / "ckpt")[0]
     assert newest.step == 6
-    newest.path.unlink()  # as if the process died after logging step 6, before saving it
-    newest.manifest.unlink()
+    shutil.rmtree(newest.path)  # as if the process died after logging step 6, before saving it
     job("resumed")
     full, resumed = read_scalars(tmp_path / "full"), read_scalars(tmp_path / "resumed")
     assert len(event_files(tmp_path / "resumed")) == 2

@@ -69,7 +69,7 @@ def test_examples_run_through_the_cli_and_learn(tmp_path):
         evals = [r["eval/loss"] for r in records(tmp_path / name) if "eval/loss" in r]
         first = float(output.split("step 0/10  eval/loss ")[1].split()[0])
         assert evals[-1] < first - 0.3, f"{name}: eval loss {first} -> {evals[-1]}"
-        assert (tmp_path / name / "ckpt" / "step_00000010.pt").exists()
+        assert (tmp_path / name / "ckpt" / "step_00000010" / "MANIFEST.json").exists()
         assert list((tmp_path / name / "logs").glob("events.out.tfevents.*"))
 
 
@@ -97,16 +97,16 @@ def test_corrupt_checkpoint_is_refused_and_the_previous_one_used(single, tmp_pat
     root, runs = single
     run = tmp_path / "corrupt"
     shutil.copytree(runs["a"] / "ckpt", run / "ckpt")
-    newest = run / "ckpt" / f"step_{STEPS:08d}.pt"
+    newest = next((run / "ckpt" / f"step_{STEPS:08d}").glob("*.distcp"))
     newest.write_bytes(newest.read_bytes()[:-100])  # truncated
     argv = ["train", GNTS, *sets(TINY), *run_args(run)]
     output = ok(launch(argv))
     assert "corrupt or truncated" in output
-    assert f"resumed from {run / 'ckpt' / f'step_{STEPS - 2:08d}.pt'} at step {STEPS - 2}" in output
+    assert f"resumed from {run / 'ckpt' / f'step_{STEPS - 2:08d}'} at step {STEPS - 2}" in output
     a, again = final_params(runs["a"], tmp_path), final_params(run, tmp_path)
     assert all(torch.equal(a[k], again[k]) for k in a)
 
-    for path in (run / "ckpt").glob("step_*.pt"):  # now every one is bad (a flipped byte)
+    for path in (run / "ckpt").glob("step_*/*.distcp"):  # now every one is bad (a flipped byte)
         data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 0xFF
         path.write_bytes(bytes(data))
@@ -159,7 +159,7 @@ def test_train_in_process_reports_and_resumes(tmp_path):
     calls: list[tuple[dict[str, float], str | None]] = []
     result = train(config, report=lambda metrics, path: calls.append((metrics, path)))
     assert [m["global_step"] for m, _ in calls] == [2.0, 4.0]
-    assert calls[0][1] is None and calls[1][1] == str(tmp_path / "ckpt" / "step_00000004.pt")
+    assert calls[0][1] is None and calls[1][1] == str(tmp_path / "ckpt" / "step_00000004")
     first = calls[0][0]
     assert first["schedule/lr/decay"] == first["schedule/lr/no_decay"] == pytest.approx(3e-4)
     assert first["schedule/weight_decay/no_decay"] == 0.0

@@ -127,18 +127,6 @@ def _run(config: TrainConfig, *, report: Report | None, **trainer_args: Any) -> 
     return train(config, report=report, trainer_cls=functools.partial(TuneTrainer, **trainer_args))
 
 
-def _checkpoint_files(path: Path) -> list[Path]:
-    """The files of one job checkpoint: ``step_N.pt`` + ``step_N.json``, or ``step_N/``."""
-    return [path] if path.is_dir() else [path, path.with_suffix(".json")]
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    if src.is_dir():
-        shutil.copytree(src, dst, copy_function=_link_file)
-    else:
-        _link_file(str(src), str(dst))
-
-
 def _link_file(src: str, dst: str) -> None:
     try:
         os.link(src, dst)  # checkpoints are never rewritten in place, so a link is safe
@@ -164,7 +152,7 @@ def stage_restore(checkpoint: Any, job_dir: Path) -> dict[str, Any] | None:
     with checkpoint.as_directory() as folder:
         for entry in Path(folder).iterdir():
             if entry.name.startswith("step_"):
-                _link_or_copy(entry, job_dir / entry.name)
+                shutil.copytree(entry, job_dir / entry.name, copy_function=_link_file)
         return json.loads((Path(folder) / VALUES_FILE).read_text())
 
 
@@ -185,14 +173,13 @@ class _Reporter:
             return
         folder = Path(tempfile.mkdtemp(dir=self.staging))
         try:
-            for src in _checkpoint_files(Path(checkpoint_path)):
-                _link_or_copy(src, folder / src.name)
+            src = Path(checkpoint_path)  # one job checkpoint: the folder step_N/
+            shutil.copytree(src, folder / src.name, copy_function=_link_file)
             (folder / VALUES_FILE).write_text(json.dumps(self.values))
             # tune.report persists the folder to the storage path before it returns,
             # so the job's own copy is no longer needed (and is not synced twice).
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
-            for src in _checkpoint_files(Path(checkpoint_path)):
-                shutil.rmtree(src) if src.is_dir() else src.unlink(missing_ok=True)
+            shutil.rmtree(src, ignore_errors=True)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -323,14 +310,12 @@ def report(
         return
     state = {
         "step": int(step),
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
         "schedule": schedule.state_dict(),
         "controller": None if controller is None else controller.state_dict(),
     }
     folder = Path(tempfile.mkdtemp(prefix="schedany-tune-"))
     try:
-        save_checkpoint(folder, int(step), state, keep_last=1)
+        save_checkpoint(folder, int(step), model, optimizer, state, keep_last=1)
         tune.report(values, checkpoint=tune.Checkpoint.from_directory(folder))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -359,17 +344,21 @@ def restore(
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
         return 0
+    # The checkpoint brings back the donor's hyperparameters with its optimizer state;
+    # this trial's own values are put back first, for rebuild_at_step to start from.
+    fresh = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     with checkpoint.as_directory() as folder:
         ref = latest_valid_checkpoint(folder)
         if ref is None:
             raise CheckpointError(f"Tune checkpoint {folder} holds no valid schedany checkpoint")
-        state = load_checkpoint(ref)
-    model.load_state_dict(state["model"])
+        state, _ = load_checkpoint(ref, model, optimizer)
+    for group, values in zip(optimizer.param_groups, fresh):
+        group.update(values)
     step = int(state["step"])
     rebuild_at_step(
         optimizer,
         schedule,
-        state["optimizer"],
+        optimizer.state_dict(),
         step,
         controller=controller,
         controller_state=state["controller"],

@@ -215,18 +215,11 @@ class Trainer:
         """Checkpoint at this optimizer-step boundary (collective under torchrun)."""
         directory = self.config.train.checkpoint_dir
         assert directory is not None
-        keep = self.config.train.keep_checkpoints
-        state = self._plain_state()
-        if dist.is_initialized():
-            ref = ckpt.save_distributed_checkpoint(
-                directory, self.step, self.model, self.optimizer, state,
-                rank_state={"rng": ckpt.capture_rng_state()}, keep_last=keep,
-            )
-        else:
-            state["model"] = unwrap_model(self.model).state_dict()
-            state["optimizer"] = self.optimizer.state_dict()
-            state["rng"] = ckpt.capture_rng_state()
-            ref = ckpt.save_checkpoint(directory, self.step, state, keep_last=keep)
+        ref = ckpt.save_checkpoint(
+            directory, self.step, self.model, self.optimizer, self._plain_state(),
+            rank_state={"rng": ckpt.capture_rng_state()},
+            keep_last=self.config.train.keep_checkpoints,
+        )
         return str(ref.path)
 
     def resume(self) -> str | None:
@@ -248,21 +241,8 @@ class Trainer:
                     "but none is valid; move them away to start over"
                 )
             return None
-        distributed = dist.is_initialized()
-        if ref.distributed != distributed:
-            raise ckpt.CheckpointError(
-                f"checkpoint {ref.path} was written by a {'torchrun' if ref.distributed else 'single-process'} "
-                f"run; resume it the same way"
-            )
         try:
-            if distributed:
-                state, own = ckpt.load_distributed_checkpoint(ref, self.model, self.optimizer)
-                rng = None if own is None else own["rng"]
-            else:
-                state = ckpt.load_checkpoint(ref)
-                unwrap_model(self.model).load_state_dict(state["model"])
-                self.optimizer.load_state_dict(state["optimizer"])
-                rng = state["rng"]
+            state, own = ckpt.load_checkpoint(ref, self.model, self.optimizer)
             # The optimizer now holds every saved key (extended ones included); the
             # schedule then rewrites each scheduled key to its saved value.
             self.schedule.load_state_dict(state["schedule"])
@@ -278,8 +258,8 @@ class Trainer:
                 f"checkpoint {ref.path} does not fit this config ({exc}); resume with the "
                 "config that wrote it, or give train.checkpoint_dir a fresh folder"
             ) from exc
-        if rng is not None:
-            ckpt.restore_rng_state(rng)
+        if own is not None:
+            ckpt.restore_rng_state(own["rng"])
         self.step = int(state["step"])
         return str(ref.path)
 
