@@ -30,26 +30,19 @@ from typing import Any
 from torch import nn
 from torch.optim import Optimizer
 
+from .._record import StepRecord, schedule_tags
 from .._synchronous import SynchronousSchedule
 from ._tune_restore import rebuild_at_step
-from .tensorboard import schedule_tags
 
 __all__ = ["report", "restore", "schedule_metrics"]
 
 
 def schedule_metrics(schedule: SynchronousSchedule, controller: Any = None) -> dict[str, float]:
-    """``schedule/<key>/<group>`` for every scheduled key and param group (the
-    TensorBoard tags of SPEC section 7), and ``control/<metric>`` for a controller.
-    Two groups with the same label are a ``ValueError``, as in
-    :class:`~schedany.integrations.tensorboard.ScheduleLogger`."""
-    out = {
-        tag: value
-        for name, tags in schedule_tags(schedule).items()
-        for tag, value in zip(tags, schedule.get_last_schedule(name))
-    }
-    if controller is not None:
-        out.update({f"control/{k}": float(v) for k, v in controller.metrics().items()})
-    return out
+    """``schedule/<key>/<group>`` for every scheduled key and param group, and
+    ``control/<metric>`` for a controller: the names TensorBoard shows
+    (docs/inspecting_schedules.md). Two groups with the same label are a ``ValueError``,
+    as in :class:`~schedany.integrations.tensorboard.ScheduleLogger`."""
+    return StepRecord.read(schedule, controller).scalars(schedule_tags(schedule))
 
 
 def report(
