@@ -71,7 +71,8 @@ def stand_in_schedule() -> schedany.SynchronousSchedule:
 
 def measure(pairs: int, block_steps: int, log_dir: str) -> dict[str, list[float]]:
     """Seconds per step of each block: ``plain_cpu``, ``plain_wall``, ``logged_cpu``,
-    ``logged_wall``, and ``in_log`` (wall time inside ``log()`` and ``flush()``)."""
+    ``logged_wall``, and ``in_log`` (wall time inside ``log()``); ``in_flush``: seconds
+    of the block's one ``flush()``."""
     config = load_config(
         CONFIG,
         [
