@@ -3,8 +3,8 @@
 For each example config, in one process:
 
 - job:  ``schedany.job.trainer.Trainer`` built from the config (schedules, controller,
-  per-step recording), timed over ``train_step()`` + ``finish_step()`` (what ``run()``
-  does each step when no log, eval or checkpoint is due);
+  per-step recording), timed over ``train_step()`` (what ``run()`` does each step when
+  no log, eval or checkpoint is due);
 - bare: the same model shape, corpus, sampler and AdamW param groups in a loop written by
   hand: no schedules, no controller, no recording. For an accumulating config it runs
   exactly the micro-steps per optimizer step that the job just ran (summed loss,
@@ -82,8 +82,7 @@ def measure(name: str, steps: int, warmup: int) -> tuple[float, float, float, fl
     micro = 0
     for i in range(warmup + steps):
         start = time.perf_counter()
-        count = trainer.train_step()["micro_steps"]
-        trainer.finish_step()
+        _, count = trainer.train_step()
         job = time.perf_counter() - start
         start = time.perf_counter()
         bare.step(count)

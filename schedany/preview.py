@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
+from ._record import StepRecord, group_labels, schedule_tags
 from .config import ConfigError, TrainConfig, build_run, load_config
 from .config.parsing import check_int
 from .errors import check_integer
@@ -52,9 +53,9 @@ def trace(config: TrainConfig, steps: int | None = None, *, tensorboard: str | N
     """Step the config's schedule ``steps`` times (default ``train.steps``) on a
     throwaway optimizer and record each step's values; optionally write them to
     TensorBoard under ``tensorboard`` with the tags a real run uses."""
-    from .integrations.tensorboard import group_labels
     steps = config.train.steps if steps is None else check_integer(steps, "steps", min=1, func="trace")
     optimizer, schedule = build_run(config)
+    tags = schedule_tags(schedule)
     logger = None
     if tensorboard is not None:
         from .integrations.tensorboard import ScheduleLogger
@@ -66,10 +67,11 @@ def trace(config: TrainConfig, steps: int | None = None, *, tensorboard: str | N
     try:
         for step in range(1, steps + 1):
             optimizer.step()  # no gradients, nothing changes: it keeps torch's order check happy
+            record = StepRecord.read(schedule)
             for name in names:
-                values[name].append(schedule.get_last_schedule(name))
+                values[name].append(record.schedule[name])
             if logger is not None:
-                logger.log(step)
+                logger.log_scalars(step, record.scalars(tags))
             schedule.step()
     finally:
         if logger is not None:

@@ -45,7 +45,9 @@ class FakeController:
         return {"grad_norm": 1.0 / self.calls, "micro_steps": float(self.calls % 3 + 1)}
 
 
-def make_run(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer, schedany.SynchronousSchedule]:
+def make_run(
+    seed: int = 0,
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, schedany.SynchronousSchedule]:
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
     optimizer = torch.optim.AdamW(
@@ -61,13 +63,21 @@ def make_run(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer, sch
         [
             schedany.cosine_annealing_with_warmup(optimizer, 1.0, 0.1, 5, 25),
             schedany.arbitrary_schedule_factory(
-                optimizer, lambda o: StepLR(o, step_size=7, gamma=0.5), schedule_target="weight_decay"
+                optimizer,
+                lambda o: StepLR(o, step_size=7, gamma=0.5),
+                schedule_target="weight_decay",
             ),
             schedany.linear_schedule_with_inverse_warmup(
                 optimizer, 1.0, 0.95, 4, 30, schedule_target="betas[0]"
             ),
             schedany.polynomial_schedule_with_warmup(
-                optimizer, 1.0, 0.0, 3, 20, schedule_target="gradient_norm_threshold", default_value=2.0
+                optimizer,
+                1.0,
+                0.0,
+                3,
+                20,
+                schedule_target="gradient_norm_threshold",
+                default_value=2.0,
             ),
         ]
     )
@@ -145,14 +155,22 @@ def event_files(root: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize("stock_writer", [False, True], ids=["log_dir", "writer"])
-def test_every_key_and_group_logged_with_the_schedule_values(tmp_path: Path, stock_writer: bool) -> None:
+def test_every_key_and_group_logged_with_the_schedule_values(
+    tmp_path: Path, stock_writer: bool
+) -> None:
     """30 steps, 4 keys x 3 groups: exactly the expected tags, 30 points each, equal to
     get_last_schedule at each step."""
-    expected, _ = train(30, log_dir=tmp_path, controller=FakeController(), stock_writer=stock_writer)
+    expected, _ = train(
+        30, log_dir=tmp_path, controller=FakeController(), stock_writer=stock_writer
+    )
     scalars = read_scalars(tmp_path)
 
     schedule_tags = {f"schedule/{k}/{g}" for k in KEYS for g in GROUPS}
-    assert set(scalars) == schedule_tags | {"control/grad_norm", "control/micro_steps", "train/loss"}
+    assert set(scalars) == schedule_tags | {
+        "control/grad_norm",
+        "control/micro_steps",
+        "train/loss",
+    }
     for tag, by_step in expected.items():
         assert [s for s, _ in scalars[tag]] == list(range(30)), tag
         assert [v for _, v in scalars[tag]] == [f32(by_step[s]) for s in range(30)], tag
@@ -250,9 +268,13 @@ def test_bad_arguments(tmp_path: Path, kwargs: dict, error: type, match: str) ->
 
 def test_duplicate_group_names_are_rejected(tmp_path: Path) -> None:
     params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
-    optimizer = torch.optim.SGD([{"params": [params[0]], "name": "pg1"}, {"params": [params[1]]}], lr=0.1)
+    optimizer = torch.optim.SGD(
+        [{"params": [params[0]], "name": "pg1"}, {"params": [params[1]]}], lr=0.1
+    )
     schedule = schedany.SynchronousSchedule([StepLR(optimizer, 1)])
-    with pytest.raises(ValueError, match=r"param_groups\[0\] and param_groups\[1\] both log as 'pg1'"):
+    with pytest.raises(
+        ValueError, match=r"param_groups\[0\] and param_groups\[1\] both log as 'pg1'"
+    ):
         ScheduleLogger(schedule, log_dir=str(tmp_path))
     assert not any(tmp_path.iterdir())
 
@@ -295,32 +317,39 @@ def test_only_rank_zero_writes(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("step", [0, 1, 127, 128, 2**40, -1])
-def test_fast_record_is_the_event_tensorboard_would_write(tmp_path: Path, step: int) -> None:
-    """The pre-encoded record parses to the same Event and frames exactly like
-    TensorBoard's own RecordWriter (length, masked CRCs)."""
+def test_event_record_is_the_event_tensorboard_would_write(tmp_path: Path, step: int) -> None:
+    """One write of the logger's own event file parses to the expected Event and frames
+    exactly like TensorBoard's own RecordWriter (length, masked CRCs)."""
     import io
 
     from tensorboard.compat.proto.event_pb2 import Event
     from tensorboard.summary.writer.record_writer import RecordWriter
 
-    from schedany.integrations._tfevents import EventFileWriter, ScalarRecord
+    from schedany.integrations.tensorboard import _EventFile
 
     tags = [f"schedule/{k}/{g}" for k in KEYS for g in ["pg0", "h\u00e9ad", "pg2"]]
     values = torch.randn(len(tags), generator=torch.Generator().manual_seed(step % 97)).tolist()
     values[0] = float("nan")
-    data, crc = ScalarRecord(tags).encode(values, step, 1234.5)
+    events = _EventFile(str(tmp_path), None)
+    events.write_scalars(step, dict(zip(tags, values)), 1234.5)
+    events.close()
+    (path,) = event_files(tmp_path)
+    raw = path.read_bytes()
+    records, pos = [], 0
+    while pos < len(raw):  # TFRecord framing: length, its CRC, data, its CRC
+        (length,) = struct.unpack("<Q", raw[pos : pos + 8])
+        records.append(raw[pos + 12 : pos + 12 + length])
+        pos += 16 + length
+    data = records[-1]
     event = Event.FromString(data)
     assert (event.step, event.wall_time) == (step, 1234.5)
     assert [v.tag for v in event.summary.value] == tags
     assert math.isnan(event.summary.value[0].simple_value)
     assert [v.simple_value for v in event.summary.value][1:] == [f32(x) for x in values[1:]]
 
-    writer = EventFileWriter(str(tmp_path))
-    writer.write_record(data, crc)
-    writer.close()
     theirs = io.BytesIO()
     RecordWriter(theirs).write(data)
-    assert Path(writer.path).read_bytes().endswith(theirs.getvalue())
+    assert raw.endswith(theirs.getvalue())
 
 
 TRAIN_CONFIG = """\
@@ -348,7 +377,10 @@ def test_reference_trainer_resume_gives_one_continuous_curve(tmp_path: Path) -> 
     (tmp_path / "config.yaml").write_text(TRAIN_CONFIG)
 
     def job(name: str, *overrides: str) -> None:
-        where = [f"train.log_dir={tmp_path / name}", f"train.checkpoint_dir={tmp_path / name / 'ckpt'}"]
+        where = [
+            f"train.log_dir={tmp_path / name}",
+            f"train.checkpoint_dir={tmp_path / name / 'ckpt'}",
+        ]
         run_job(load_config(tmp_path / "config.yaml", [*where, *overrides]))
 
     job("full")
@@ -359,7 +391,9 @@ def test_reference_trainer_resume_gives_one_continuous_curve(tmp_path: Path) -> 
     job("resumed")
     full, resumed = read_scalars(tmp_path / "full"), read_scalars(tmp_path / "resumed")
     assert len(event_files(tmp_path / "resumed")) == 2
-    assert set(resumed) == set(full) and {"schedule/lr/decay", "train/loss", "eval/loss"} <= set(full)
+    assert set(resumed) == set(full) and {"schedule/lr/decay", "train/loss", "eval/loss"} <= set(
+        full
+    )
     for tag in full:
         if tag != "eval/loss":
             assert [s for s, _ in resumed[tag]] == list(range(1, 11)), tag

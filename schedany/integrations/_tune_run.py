@@ -23,13 +23,13 @@ from typing import Any
 from torch import nn
 from torch.optim import Optimizer
 
+from .._record import StepRecord, schedule_tags
 from .._synchronous import SynchronousSchedule
 from ..config import TrainConfig
 from ..job.build import build_controller, build_run
 from ..job.distributed import is_rank0
 from ..job.trainer import Report, Trainer, TrainResult, train
 from ._tune_space import rebuild_at_step, resolve_trial_config
-from .tensorboard import schedule_tags
 
 VALUES_FILE = "trial_values.json"
 """Written into every Tune checkpoint of :func:`run_trial`: the trial's sampled values,
@@ -270,18 +270,11 @@ def _ddp_worker(loop_config: dict[str, Any]) -> None:
 
 
 def schedule_metrics(schedule: SynchronousSchedule, controller: Any = None) -> dict[str, float]:
-    """``schedule/<key>/<group>`` for every scheduled key and param group (the
-    TensorBoard tags, docs/inspecting_schedules.md), and ``control/<metric>`` for a
-    controller. Two groups with the same label are a ``ValueError``, as in
-    :class:`~schedany.integrations.tensorboard.ScheduleLogger`."""
-    out = {
-        tag: value
-        for name, tags in schedule_tags(schedule).items()
-        for tag, value in zip(tags, schedule.get_last_schedule(name))
-    }
-    if controller is not None:
-        out.update({f"control/{k}": float(v) for k, v in controller.metrics().items()})
-    return out
+    """``schedule/<key>/<group>`` for every scheduled key and param group, and
+    ``control/<metric>`` for a controller: the names TensorBoard shows
+    (docs/inspecting_schedules.md). Two groups with the same label are a ``ValueError``,
+    as in :class:`~schedany.integrations.tensorboard.ScheduleLogger`."""
+    return StepRecord.read(schedule, controller).scalars(schedule_tags(schedule))
 
 
 def report(

@@ -1,69 +1,49 @@
 """TensorBoard logging of every scheduled key, the control signals and training scalars.
 
-Tags (SPEC section 7):
+Tags (docs/inspecting_schedules.md; the core names them, this module only writes them):
 
 - ``schedule/<key>/<group>`` for every name in ``schedule.schedule_names`` and every
   param group; ``<group>`` is the group's ``name`` entry if it has one, else ``pg<i>``.
 - ``control/<metric>`` for every entry of ``controller.metrics()``.
 - any scalar the caller passes, under its own tag (``train/loss``).
 
-Cost: the schedule values of one :meth:`ScheduleLogger.log` call go into a single event
-record (one ``Summary`` with many values), not one record per tag as ``add_scalar``
-writes (4 keys x 100 groups: ~20 ms per step that way). When the logger opens its own
-writer (``log_dir``), that record and its checksum are encoded by
-:class:`~schedany.integrations._tfevents.ScalarRecord` in ~0.05 ms, instead of ~1.6 ms
-in TensorBoard's pure-Python CRC; a ``writer`` you pass in gets the plain record.
+Cost: with ``log_dir``, the values of one :meth:`ScheduleLogger.log` call go into a
+single event record (one ``Summary`` with many values), written synchronously by
+tensorboardX's ``RecordWriter``, which checksums with the C ``crc32c`` package: about
+0.2 ms of CPU per call for 400 values, reading the schedule included, where
+TensorBoard's own writer spends ~1.6 ms in a pure-Python CRC alone. A ``writer`` you
+pass in gets one ``add_scalar`` per tag, its public API (~30 ms for 400 tags).
 ``add_scalars`` is never used (it makes one run directory per tag).
 
-Needs the ``tensorboard`` package (``pip install schedany[tensorboard]``); importing
-:mod:`schedany` does not import this module.
+Needs ``tensorboardX`` and ``crc32c`` (``pip install schedany[tensorboard]``);
+importing :mod:`schedany` does not import this module.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
+import socket
 import time
 from collections.abc import Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 from torch.optim.lr_scheduler import LRScheduler
 
+from .._record import Controller, StepRecord, schedule_tags
 from .._synchronous import SynchronousSchedule
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
-__all__ = ["ScheduleLogger", "group_labels", "schedule_tags", "custom_scalars_layout"]
+__all__ = ["ScheduleLogger", "custom_scalars_layout"]
 
-
-class _Controller(Protocol):
-    def metrics(self) -> Mapping[str, float]: ...
-
-
-def group_labels(param_groups: list[dict[str, Any]]) -> list[str]:
-    """The ``<group>`` part of the tags: each group's ``name`` entry, else ``pg<i>``.
-
-    Raises ``ValueError`` when two groups get the same label (their curves would
-    merge into one zig-zagging tag).
-    """
-    labels = [str(g["name"]) if g.get("name") is not None else f"pg{i}" for i, g in enumerate(param_groups)]
-    seen: dict[str, int] = {}
-    for i, label in enumerate(labels):
-        if label in seen:
-            raise ValueError(
-                f"param_groups[{seen[label]}] and param_groups[{i}] both log as {label!r}; "
-                f"give the groups distinct 'name' entries"
-            )
-        seen[label] = i
-    return labels
-
-
-def schedule_tags(schedule: SynchronousSchedule) -> dict[str, list[str]]:
-    """``{key: ["schedule/<key>/<group>", ...]}`` in param-group order."""
-    labels = group_labels(schedule.optimizer.param_groups)
-    return {key: [f"schedule/{key}/{label}" for label in labels] for key in schedule.schedule_names}
+_FLUSH_SECS = 120.0
+"""Like SummaryWriter's ``flush_secs``: what was written reaches TensorBoard this soon."""
+_file_ids = itertools.count()
 
 
 def custom_scalars_layout(schedule: SynchronousSchedule) -> dict[str, dict[str, list[Any]]]:
@@ -100,12 +80,12 @@ class ScheduleLogger:
             scheduler is wrapped in one).
         controller: optional object with ``metrics() -> dict[str, float]``
             (:class:`~schedany.LogicalBatchSize`, :class:`~schedany.GradientNormThreshold`).
-        log_dir: folder for a new ``SummaryWriter`` (a local folder gets the fast
-            event-file writer, a ``gs://``/``s3://`` URL TensorBoard's own); ``None``
-            with no ``writer`` means torch's default ``runs/<date>_<host>``.
-        writer: an existing ``SummaryWriter`` to write into instead (it stays open on
-            :meth:`close`; the caller owns it). Not together with ``log_dir`` or
-            ``purge_step``.
+        log_dir: folder for a new event file (``gs://``/``s3://`` URLs work where
+            tensorboardX's remote writers are installed); ``None`` with no ``writer``
+            means torch's default ``runs/<date>_<host>``.
+        writer: an existing ``SummaryWriter`` (torch's or tensorboardX's) to write into
+            instead, through its ``add_scalar`` (it stays open on :meth:`close`; the
+            caller owns it). Not together with ``log_dir`` or ``purge_step``.
         every_n_steps: write only when ``step % every_n_steps == 0``.
         purge_step: when resuming at step ``s`` into an existing ``log_dir``, pass
             ``s``: TensorBoard then drops the earlier run's points at steps ``>= s``,
@@ -123,7 +103,7 @@ class ScheduleLogger:
     def __init__(
         self,
         schedule: SynchronousSchedule | LRScheduler,
-        controller: _Controller | None = None,
+        controller: Controller | None = None,
         *,
         log_dir: str | None = None,
         writer: SummaryWriter | None = None,
@@ -139,14 +119,23 @@ class ScheduleLogger:
             schedule = SynchronousSchedule([schedule])
         if controller is not None and not callable(getattr(controller, "metrics", None)):
             raise TypeError(
-                f"ScheduleLogger: controller must have a metrics() method, got {type(controller).__name__}"
+                "ScheduleLogger: controller must have a metrics() method, "
+                f"got {type(controller).__name__}"
             )
-        if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
-            raise ValueError(f"ScheduleLogger: every_n_steps must be an integer >= 1, got {every_n_steps!r}")
+        if (
+            not isinstance(every_n_steps, int)
+            or isinstance(every_n_steps, bool)
+            or every_n_steps < 1
+        ):
+            raise ValueError(
+                f"ScheduleLogger: every_n_steps must be an integer >= 1, got {every_n_steps!r}"
+            )
         if purge_step is not None and (
             not isinstance(purge_step, int) or isinstance(purge_step, bool) or purge_step < 0
         ):
-            raise ValueError(f"ScheduleLogger: purge_step must be an integer >= 0, got {purge_step!r}")
+            raise ValueError(
+                f"ScheduleLogger: purge_step must be an integer >= 0, got {purge_step!r}"
+            )
         if writer is not None and (log_dir is not None or purge_step is not None):
             raise ValueError(
                 "ScheduleLogger: pass either writer= or log_dir=/purge_step=, not both "
@@ -157,24 +146,27 @@ class ScheduleLogger:
         self.every_n_steps = every_n_steps
         self._tags = schedule_tags(schedule)  # validates group labels on every rank alike
         self._num_groups = len(schedule.optimizer.param_groups)
-        self._record: _FastRecord | _EventRecord | None = None  # built on the first write
-        self._layout_written = False
-        self._owns_writer = writer is None
         self._writer: SummaryWriter | None = None
+        self._file: _EventFile | None = None
         if not _is_rank_zero():
             return
-        if writer is None:
-            writer = _open_writer(log_dir, purge_step)
-        self._writer = writer
+        layout = custom_scalars_layout(schedule)
+        if writer is not None:
+            writer.add_custom_scalars(layout)
+            self._writer = writer
+        else:
+            self._file = _EventFile(log_dir or _default_log_dir(), purge_step)
+            self._file.write_layout(layout)
 
     @property
     def enabled(self) -> bool:
         """True on the rank that writes (rank 0) until :meth:`close`."""
-        return self._writer is not None
+        return self._writer is not None or self._file is not None
 
     @property
     def writer(self) -> SummaryWriter | None:
-        """The underlying ``SummaryWriter`` (``None`` on other ranks or after close)."""
+        """The ``SummaryWriter`` passed as ``writer=`` (``None`` without one, on other
+        ranks, or after close)."""
         return self._writer
 
     @property
@@ -189,38 +181,38 @@ class ScheduleLogger:
         ``every_n_steps``. Tensor scalars are converted with ``float()`` (a device
         sync on GPU); pass Python floats where that matters.
         """
-        if self._writer is None or step % self.every_n_steps:
+        if not self.enabled or step % self.every_n_steps:
             return
-        file_writer = self._file_writer()
-        walltime = time.time()
-        self._write_schedule(file_writer, step, walltime)
-        extras: list[tuple[str, float]] = []
-        if self.controller is not None:
-            extras.extend((f"control/{metric}", v) for metric, v in self.controller.metrics().items())
-        if scalars:
-            extras.extend(scalars.items())
-        if extras:
-            file_writer.add_event(_scalars_event(extras), step, walltime)
+        if len(self.schedule.optimizer.param_groups) != self._num_groups:  # add_param_group
+            self._tags = schedule_tags(self.schedule)
+            self._num_groups = len(self.schedule.optimizer.param_groups)
+        values = StepRecord.read(self.schedule, self.controller).scalars(self._tags)
+        self.log_scalars(step, {**values, **(scalars or {})})
 
     def log_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         """Write only ``scalars`` at ``step``, whatever ``every_n_steps`` (e.g. ``eval/loss``)."""
-        if self._writer is None or not scalars:
+        if not scalars:
             return
-        self._file_writer().add_event(_scalars_event(scalars.items()), step, time.time())
+        walltime = time.time()
+        if self._file is not None:
+            self._file.write_scalars(step, scalars, walltime)
+        elif self._writer is not None:
+            for tag, value in scalars.items():
+                self._writer.add_scalar(tag, float(value), step, walltime=walltime)
 
     def flush(self) -> None:
-        if self._writer is not None:
+        if self._file is not None:
+            self._file.flush()
+        elif self._writer is not None:
             self._writer.flush()
 
     def close(self) -> None:
-        """Flush; close the writer if this logger opened it. Later calls do nothing."""
-        if self._writer is None:
-            return
-        if self._owns_writer:
-            self._writer.close()
-        else:
+        """Flush; close the event file if this logger opened it. Later calls do nothing."""
+        if self._file is not None:
+            self._file.close()
+        elif self._writer is not None:
             self._writer.flush()
-        self._writer = None
+        self._file = self._writer = None
 
     def __enter__(self) -> ScheduleLogger:
         return self
@@ -233,76 +225,90 @@ class ScheduleLogger:
     ) -> None:
         self.close()
 
-    def _file_writer(self) -> Any:
-        assert self._writer is not None
-        if not self._layout_written:
-            self._writer.add_custom_scalars(custom_scalars_layout(self.schedule))
-            self._layout_written = True
-        # SummaryWriter has no public call for one event of many values; its
-        # _get_file_writer() (stable since torch 1.1, also reopens after close) does.
-        return self._writer._get_file_writer()
 
-    def _write_schedule(self, file_writer: Any, step: int, walltime: float) -> None:
-        groups = self.schedule.optimizer.param_groups
-        if self._record is None or len(groups) != self._num_groups:
-            self._tags = schedule_tags(self.schedule)
-            self._num_groups = len(groups)
-            self._record = _schedule_record(file_writer, self.tags)
-        values = [value for key in self._tags for value in self.schedule.get_last_schedule(key)]
-        self._record.write(file_writer, values, step, walltime)
+def _is_rank_zero() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def _open_writer(log_dir: str | None, purge_step: int | None) -> SummaryWriter:
-    if log_dir is not None and "://" in str(log_dir):
-        # Remote storage (gs://, s3://) needs TensorBoard's own file layer.
-        from torch.utils.tensorboard import SummaryWriter
-
-        return SummaryWriter(log_dir=log_dir, purge_step=purge_step)
-    from ._tfevents import FastSummaryWriter
-
-    return FastSummaryWriter(log_dir=log_dir, purge_step=purge_step)
+def _default_log_dir() -> str:
+    """``runs/<date>_<host>``, SummaryWriter's default folder."""
+    return os.path.join("runs", time.strftime("%b%d_%H-%M-%S") + "_" + socket.gethostname())
 
 
-class _FastRecord:
-    """Writes pre-encoded records straight into a FastSummaryWriter's event file."""
+class _EventFile:
+    """One new TensorBoard event file, written synchronously (no thread, so a flush
+    before a checkpoint really has every point on disk).
 
-    def __init__(self, tags: list[str]) -> None:
-        from ._tfevents import ScalarRecord
+    The framing and checksums are tensorboardX's ``RecordWriter``; the file layout is
+    TensorBoard's: a ``file_version`` event first, then one event per call, in a file
+    whose name holds ``tfevents``.
+    """
 
-        self._encoder = ScalarRecord(tags)
+    def __init__(self, log_dir: str, purge_step: int | None) -> None:
+        from tensorboardX import RecordWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+        from tensorboardX.record_writer import directory_check
 
-    def write(self, file_writer: Any, values: list[float], step: int, walltime: float) -> None:
-        file_writer.event_writer.write_record(*self._encoder.encode(values, step, walltime))
+        log_dir = str(log_dir)
+        directory_check(log_dir)  # a local folder is made; gs:// and s3:// go to their writers
+        # TensorBoard reads a folder's files in name order; the zero-padded counter keeps
+        # two files of one process opened in the same second in opening order, and the
+        # pid keeps processes from clobbering each other's files.
+        name = (
+            f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
+            f"{os.getpid()}.{next(_file_ids):06d}.schedany"
+        )
+        self._records = RecordWriter(os.path.join(log_dir, name))
+        self._templates: dict[tuple[str, ...], tuple[Any, list[Any]]] = {}
+        self._last_flush = time.monotonic()
+        now = time.time()
+        self._write(Event(wall_time=now, file_version="brain.Event:2"))
+        if purge_step is not None:
+            # TensorBoard drops earlier points at steps >= purge_step when it reads this.
+            self._write(Event(wall_time=now, step=purge_step, file_version="brain.Event:2"))
+            self._write(
+                Event(
+                    wall_time=now, step=purge_step, session_log=SessionLog(status=SessionLog.START)
+                )
+            )
+        self.flush()
 
+    def write_layout(self, layout: dict[str, dict[str, list[Any]]]) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import custom_scalars
 
-class _EventRecord:
-    """Any other SummaryWriter: one reusable Event, its values overwritten in place."""
+        self._write(Event(wall_time=time.time(), summary=custom_scalars(layout)))
 
-    def __init__(self, tags: list[str]) -> None:
-        from tensorboard.compat.proto.event_pb2 import Event
-        from tensorboard.compat.proto.summary_pb2 import Summary
+    def write_scalars(self, step: int, scalars: Mapping[str, float], walltime: float) -> None:
+        """One event holding every value of ``scalars``."""
+        tags = tuple(scalars)
+        template = self._templates.get(tags)
+        if template is None:
+            # Building 400 Summary.Values costs ~0.5 ms; filling in a kept event ~0.05 ms.
+            # A run writes few distinct tag sets (with and without the losses).
+            from tensorboardX.proto.event_pb2 import Event
+            from tensorboardX.proto.summary_pb2 import Summary
 
-        self._event = Event(summary=Summary(value=[Summary.Value(tag=t) for t in tags]))
-        self._slots = list(self._event.summary.value)
+            if len(self._templates) >= 8:
+                self._templates.clear()
+            event = Event(summary=Summary(value=[Summary.Value(tag=tag) for tag in tags]))
+            template = self._templates[tags] = (event, list(event.summary.value))
+        event, slots = template
+        for slot, value in zip(slots, scalars.values()):
+            slot.simple_value = float(value)
+        event.step = step
+        event.wall_time = walltime
+        self._write(event)
 
-    def write(self, file_writer: Any, values: list[float], step: int, walltime: float) -> None:
-        for slot, value in zip(self._slots, values, strict=True):
-            slot.simple_value = value
-        file_writer.add_event(self._event, step, walltime)
+    def _write(self, event: Any) -> None:
+        self._records.write(event.SerializeToString())
+        if time.monotonic() - self._last_flush > _FLUSH_SECS:
+            self.flush()
 
+    def flush(self) -> None:
+        self._records.flush()
+        self._last_flush = time.monotonic()
 
-def _schedule_record(file_writer: Any, tags: list[str]) -> _FastRecord | _EventRecord:
-    from ._tfevents import MAX_FAST_VALUES, EventFileWriter
-
-    fast = isinstance(getattr(file_writer, "event_writer", None), EventFileWriter)
-    return _FastRecord(tags) if fast and len(tags) <= MAX_FAST_VALUES else _EventRecord(tags)
-
-
-def _scalars_event(items: Any) -> Any:
-    from tensorboard.compat.proto.event_pb2 import Event
-    from tensorboard.compat.proto.summary_pb2 import Summary
-
-    return Event(
-        summary=Summary(value=[Summary.Value(tag=tag, simple_value=float(v)) for tag, v in items])
-    )
-
+    def close(self) -> None:
+        self._records.flush()
+        self._records.close()

@@ -1,4 +1,5 @@
-"""Rank 0's outputs of a run: the progress bar or log lines, and ``metrics.jsonl``."""
+"""Rank 0's outputs of a run: the progress bar or log lines, and ``metrics.jsonl``,
+both written from the step's :class:`~schedany._record.StepRecord`."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import TYPE_CHECKING, Any, Literal, TextIO
 
-__all__ = ["Console", "MetricsFile", "format_values"]
+if TYPE_CHECKING:
+    from .._record import StepRecord
 
 
 def _number(value: float) -> str:
@@ -23,6 +25,16 @@ def _number(value: float) -> str:
 
 def format_values(values: Mapping[str, float]) -> str:
     return "  ".join(f"{k} {_number(v)}" for k, v in values.items())
+
+
+def headline_values(
+    record: StepRecord, micro_steps: int, losses: Mapping[str, float]
+) -> dict[str, float]:
+    """What a progress line shows: the losses, each scheduled key's first group (the
+    controller's target among them) and the micro-steps of the step."""
+    out = {**losses, **{key: values[0] for key, values in record.schedule.items()}}
+    out["micro_steps"] = float(micro_steps)
+    return out
 
 
 class Console:
@@ -96,8 +108,14 @@ class MetricsFile:
             self._file.write(line + "\n")
         self._file.flush()
 
-    def write(self, record: Mapping[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
+    def write(
+        self, step: int, micro_steps: int, record: StepRecord, losses: Mapping[str, float]
+    ) -> None:
+        """One line: the values per key and group as the record holds them (float64),
+        the controller's metrics (with a controller) and the losses computed this step."""
+        control = {} if record.control is None else {"control": record.control}
+        line = {"step": step, "micro_steps": micro_steps, "schedule": record.schedule, **control}
+        self._file.write(json.dumps({**line, **losses}) + "\n")
 
     def flush(self) -> None:
         self._file.flush()

@@ -2,8 +2,9 @@
 
 One optimizer step = micro-batches until the controller is ready (one, without a
 controller), then ``optimizer.step(); optimizer.zero_grad()``, the step's values are
-recorded, and ``schedule.step()``. Evaluation, checkpoints, logs and ``report`` happen
-between optimizer steps, never inside a logical batch.
+recorded (a :class:`~schedany._record.StepRecord`), and ``schedule.step()``. Evaluation,
+checkpoints, logs and ``report`` happen between optimizer steps, never inside a logical
+batch; they all write that record.
 
 Entry points: :func:`train` (programmatic) and ``schedany train CONFIG`` (the CLI).
 A run whose ``train.checkpoint_dir`` holds a checkpoint resumes from it exactly:
@@ -27,6 +28,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from .._record import StepRecord, schedule_tags
 from ..config import ConfigError, TrainConfig, config_to_dict
 from . import checkpoint as ckpt
 from .build import build_controller, build_model, build_run
@@ -130,9 +132,10 @@ class Trainer:
 
     # --- one optimizer step ----------------------------------------------------------
 
-    def train_step(self) -> dict[str, Any]:
+    def train_step(self) -> tuple[StepRecord, int]:
         """Run micro-batches until the controller is ready, step the optimizer, record
-        the values this step used, then step the schedule. Returns that record."""
+        the values this step used, then step the schedule. Returns that record and the
+        micro-batches the step took."""
         ctl, model = self.controller, self.model
         # Every batch this step drops comes before its one ready batch: drops in a row.
         dropped_before = 0.0 if ctl is None else ctl.metrics()["dropped_batches"]
@@ -160,19 +163,9 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        schedule = self.schedule
-        record: dict[str, Any] = {
-            "step": self.step,
-            "micro_steps": micro_steps,
-            "schedule": {name: schedule.get_last_schedule(name) for name in schedule.schedule_names},
-        }
-        if ctl is not None:
-            record["control"] = ctl.metrics()
-        return record
-
-    def finish_step(self) -> None:
-        """``schedule.step()``; separate so loggers can read the values the step used."""
+        record = StepRecord.read(self.schedule, ctl)  # before schedule.step(): what this step used
         self.schedule.step()
+        return record, micro_steps
 
     # --- evaluation, losses ------------------------------------------------------------
 
@@ -270,8 +263,7 @@ class Trainer:
         resumed = self.resume()
         resumed_from = self.step if resumed else None
         rank0 = is_rank0()
-        from ..integrations.tensorboard import schedule_tags  # torch only, no tensorboard
-        from ._console import Console, MetricsFile
+        from ._console import Console, MetricsFile, headline_values
 
         tags = schedule_tags(self.schedule)  # after resume(), which may replace the schedule
         console = Console(cfg.progress, cfg.steps, self.step, rank0)
@@ -284,7 +276,7 @@ class Trainer:
             from ..integrations.tensorboard import ScheduleLogger
 
             logger = ScheduleLogger(
-                self.schedule, self.controller, log_dir=str(log_dir),
+                self.schedule, log_dir=str(log_dir),
                 purge_step=None if resumed_from is None else resumed_from + 1,
             )
         train_loss = eval_loss = None
@@ -298,25 +290,25 @@ class Trainer:
             else:
                 console.print(f"resumed from {resumed} at step {resumed_from}")
             while self.step < cfg.steps:
-                record = self.train_step()
+                record, micro_steps = self.train_step()
                 step = self.step
                 last = step == cfg.steps
-                scalars: dict[str, float] = {}
+                losses: dict[str, float] = {}
                 if step % cfg.log_every == 0 or last:
                     train_loss = self.take_train_loss()
-                    scalars["train/loss"] = train_loss
+                    losses["train/loss"] = train_loss
                 if (cfg.eval_every and step % cfg.eval_every == 0) or last:
                     eval_loss = self.evaluate()
-                    scalars["eval/loss"] = eval_loss
+                    losses["eval/loss"] = eval_loss
+                scalars = {**record.scalars(tags), **losses}  # TensorBoard's and Tune's
                 if logger is not None:
-                    logger.log(step, scalars)
+                    logger.log_scalars(step, scalars)
                 if metrics_file is not None:
-                    metrics_file.write({**record, **scalars})
-                headline = {**scalars, **_headline(record)} if scalars else None
+                    metrics_file.write(step, micro_steps, record, losses)
+                headline = headline_values(record, micro_steps, losses) if losses else None
                 console.update(step, headline)
                 if headline:
                     console.log(step, headline)
-                self.finish_step()
                 saved = None
                 if cfg.checkpoint_dir is not None and (
                     last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
@@ -326,9 +318,8 @@ class Trainer:
                     if logger is not None:
                         logger.flush()
                     saved = last_checkpoint = self.save_checkpoint()
-                if scalars and self.report is not None and rank0:
-                    flat = _flatten(record, tags)
-                    self.report({"global_step": float(step), **scalars, **flat}, saved)
+                if losses and self.report is not None and rank0:
+                    self.report({"global_step": float(step), **scalars}, saved)
                 _maybe_inject_fault(step, self.env.rank, cfg.checkpoint_dir)
             if eval_loss is None:
                 eval_loss = self.evaluate()
@@ -339,22 +330,6 @@ class Trainer:
             if logger is not None:
                 logger.close()
         return TrainResult(self.step, train_loss, eval_loss, resumed_from, last_checkpoint)
-
-
-def _flatten(record: dict[str, Any], tags: dict[str, list[str]]) -> dict[str, float]:
-    """``record`` under the TensorBoard tags (``schedule/<key>/<group>``, ``control/<m>``)."""
-    out = {tag: float(v)
-           for key, values in record["schedule"].items() for tag, v in zip(tags[key], values)}
-    out.update({f"control/{k}": float(v) for k, v in record.get("control", {}).items()})
-    return out
-
-
-def _headline(record: dict[str, Any]) -> dict[str, float]:
-    """The values a progress line shows: each scheduled key's first group (the
-    controller's target among them) and the micro-steps of the step."""
-    out = {key: values[0] for key, values in record["schedule"].items()}
-    out["micro_steps"] = float(record["micro_steps"])
-    return out
 
 
 def _maybe_inject_fault(step: int, rank: int, checkpoint_dir: str | None) -> None:
