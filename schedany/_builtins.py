@@ -246,10 +246,7 @@ def constant_with_inverse_warmup(
 
 
 def constant_schedule(
-    optimizer: Optimizer,
-    value: float,
-    schedule_target: str = "lr",
-    default_value: Any = None,
+    optimizer: Optimizer, value: float, schedule_target: str = "lr", default_value: Any = None
 ) -> LambdaLR:
     """Bind :func:`schedany.curves.constant_schedule` to ``schedule_target``."""
     curve = curves.constant_schedule(value)

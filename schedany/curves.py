@@ -1,4 +1,4 @@
-r"""Schedule curves as pure ``step -> multiplier`` functions.
+"""Schedule curves as pure ``step -> multiplier`` functions.
 
 This module does not import torch: a curve is plain arithmetic on the number of
 ``step()`` calls ``t`` since the schedule was built. The built-in schedules wrap
@@ -10,19 +10,9 @@ Notation (shared by every curve; see ``docs/api.md``):
 ``M`` = ``num_training_steps``, ``P`` = ``polynomial_exponent``,
 ``R`` = ``warmup_multiplier``.
 
-Every curve is one warmup phase joined to one anneal phase:
-
-.. math::
-
-    \lambda(t) = \begin{cases}
-        \text{warmup}(t) & t < L \\
-        A + (W - A)\,\text{shape}(p),\quad p = \frac{t - L}{M - L} & L \le t \le M \\
-        A & t > M
-    \end{cases}
-
-with ``p = 1`` when ``M = L``. Warmups: normal ``W t / L``; inverse
-``W (R - (R - 1) t / L)``. Shapes: cosine ``(1 + cos(pi p)) / 2``; polynomial
-``(1 - p)^P``; constant ``1`` (then ``A = W``).
+Every curve is one warmup phase joined to one anneal phase and a clamped tail; the
+formula is written once, in :func:`warmup_anneal_curve`. Each built-in schedule has a
+curve of the same name and arguments here (:data:`BUILTIN_CURVES`).
 """
 
 from __future__ import annotations
@@ -145,21 +135,11 @@ def constant_curve(value: float, *, func: str = "constant_curve") -> Curve:
 
 
 def cosine_annealing_with_warmup(
-    warmup_to_value: float,
-    anneal_to_value: float,
-    num_warmup_steps: int,
-    num_training_steps: int,
+    warmup_to_value: float, anneal_to_value: float, num_warmup_steps: int, num_training_steps: int
 ) -> Curve:
     """Linear warmup ``W t / L``, then half-cosine from ``W`` to ``A`` at ``M``, then ``A``."""
-    return warmup_anneal_curve(
-        warmup_to_value=warmup_to_value,
-        anneal_to_value=anneal_to_value,
-        num_warmup_steps=num_warmup_steps,
-        num_training_steps=num_training_steps,
-        anneal="cosine",
-        warmup="normal",
-        func="cosine_annealing_with_warmup",
-    )
+    steps = warmup_to_value, anneal_to_value, num_warmup_steps, num_training_steps
+    return _warmup_anneal("cosine_annealing_with_warmup", "cosine", "normal", *steps, 1.0, 20.0)
 
 
 def cosine_annealing_with_inverse_warmup(
@@ -170,15 +150,9 @@ def cosine_annealing_with_inverse_warmup(
     warmup_multiplier: float = 20.0,
 ) -> Curve:
     """Inverse warmup ``W (R - (R-1) t / L)`` down to ``W``, then half-cosine to ``A``."""
-    return warmup_anneal_curve(
-        warmup_to_value=warmup_to_value,
-        anneal_to_value=anneal_to_value,
-        num_warmup_steps=num_warmup_steps,
-        num_training_steps=num_training_steps,
-        anneal="cosine",
-        warmup="inverse",
-        warmup_multiplier=warmup_multiplier,
-        func="cosine_annealing_with_inverse_warmup",
+    steps = warmup_to_value, anneal_to_value, num_warmup_steps, num_training_steps
+    return _warmup_anneal(
+        "cosine_annealing_with_inverse_warmup", "cosine", "inverse", *steps, 1.0, warmup_multiplier
     )
 
 
@@ -188,19 +162,11 @@ def polynomial_schedule_with_warmup(
     num_warmup_steps: int,
     num_training_steps: int,
     polynomial_exponent: float = 2.0,
-    *,
-    func: str = "polynomial_schedule_with_warmup",
 ) -> Curve:
     """Linear warmup ``W t / L``, then ``A + (W - A)(1 - p)^P``, then ``A``."""
-    return warmup_anneal_curve(
-        warmup_to_value=warmup_to_value,
-        anneal_to_value=anneal_to_value,
-        num_warmup_steps=num_warmup_steps,
-        num_training_steps=num_training_steps,
-        anneal="polynomial",
-        warmup="normal",
-        polynomial_exponent=polynomial_exponent,
-        func=func,
+    steps = warmup_to_value, anneal_to_value, num_warmup_steps, num_training_steps
+    return _warmup_anneal(
+        "polynomial_schedule_with_warmup", "polynomial", "normal", *steps, polynomial_exponent, 20.0
     )
 
 
@@ -211,38 +177,25 @@ def polynomial_schedule_with_inverse_warmup(
     num_training_steps: int,
     polynomial_exponent: float = 2.0,
     warmup_multiplier: float = 20.0,
-    *,
-    func: str = "polynomial_schedule_with_inverse_warmup",
 ) -> Curve:
     """Inverse warmup ``W (R - (R-1) t / L)``, then ``A + (W - A)(1 - p)^P``, then ``A``."""
-    return warmup_anneal_curve(
-        warmup_to_value=warmup_to_value,
-        anneal_to_value=anneal_to_value,
-        num_warmup_steps=num_warmup_steps,
-        num_training_steps=num_training_steps,
-        anneal="polynomial",
-        warmup="inverse",
-        polynomial_exponent=polynomial_exponent,
-        warmup_multiplier=warmup_multiplier,
-        func=func,
+    steps = warmup_to_value, anneal_to_value, num_warmup_steps, num_training_steps
+    return _warmup_anneal(
+        "polynomial_schedule_with_inverse_warmup",
+        "polynomial",
+        "inverse",
+        *steps,
+        polynomial_exponent,
+        warmup_multiplier,
     )
 
 
 def linear_schedule_with_warmup(
-    warmup_to_value: float,
-    anneal_to_value: float,
-    num_warmup_steps: int,
-    num_training_steps: int,
+    warmup_to_value: float, anneal_to_value: float, num_warmup_steps: int, num_training_steps: int
 ) -> Curve:
     """The polynomial schedule with ``P = 1``."""
-    return polynomial_schedule_with_warmup(
-        warmup_to_value,
-        anneal_to_value,
-        num_warmup_steps,
-        num_training_steps,
-        1.0,
-        func="linear_schedule_with_warmup",
-    )
+    steps = warmup_to_value, anneal_to_value, num_warmup_steps, num_training_steps
+    return _warmup_anneal("linear_schedule_with_warmup", "polynomial", "normal", *steps, 1.0, 20.0)
 
 
 def linear_schedule_with_inverse_warmup(
@@ -253,31 +206,24 @@ def linear_schedule_with_inverse_warmup(
     warmup_multiplier: float = 20.0,
 ) -> Curve:
     """The polynomial schedule with inverse warmup and ``P = 1``."""
-    return polynomial_schedule_with_inverse_warmup(
-        warmup_to_value,
-        anneal_to_value,
-        num_warmup_steps,
-        num_training_steps,
+    steps = warmup_to_value, anneal_to_value, num_warmup_steps, num_training_steps
+    return _warmup_anneal(
+        "linear_schedule_with_inverse_warmup",
+        "polynomial",
+        "inverse",
+        *steps,
         1.0,
         warmup_multiplier,
-        func="linear_schedule_with_inverse_warmup",
     )
 
 
 def quadratic_schedule_with_warmup(
-    warmup_to_value: float,
-    anneal_to_value: float,
-    num_warmup_steps: int,
-    num_training_steps: int,
+    warmup_to_value: float, anneal_to_value: float, num_warmup_steps: int, num_training_steps: int
 ) -> Curve:
     """The polynomial schedule with ``P = 2``."""
-    return polynomial_schedule_with_warmup(
-        warmup_to_value,
-        anneal_to_value,
-        num_warmup_steps,
-        num_training_steps,
-        2.0,
-        func="quadratic_schedule_with_warmup",
+    steps = warmup_to_value, anneal_to_value, num_warmup_steps, num_training_steps
+    return _warmup_anneal(
+        "quadratic_schedule_with_warmup", "polynomial", "normal", *steps, 2.0, 20.0
     )
 
 
@@ -289,32 +235,23 @@ def quadratic_schedule_with_inverse_warmup(
     warmup_multiplier: float = 20.0,
 ) -> Curve:
     """The polynomial schedule with inverse warmup and ``P = 2``."""
-    return polynomial_schedule_with_inverse_warmup(
-        warmup_to_value,
-        anneal_to_value,
-        num_warmup_steps,
-        num_training_steps,
+    steps = warmup_to_value, anneal_to_value, num_warmup_steps, num_training_steps
+    return _warmup_anneal(
+        "quadratic_schedule_with_inverse_warmup",
+        "polynomial",
+        "inverse",
+        *steps,
         2.0,
         warmup_multiplier,
-        func="quadratic_schedule_with_inverse_warmup",
     )
 
 
 def sqrt_schedule_with_warmup(
-    warmup_to_value: float,
-    anneal_to_value: float,
-    num_warmup_steps: int,
-    num_training_steps: int,
+    warmup_to_value: float, anneal_to_value: float, num_warmup_steps: int, num_training_steps: int
 ) -> Curve:
     """The polynomial schedule with ``P = 0.5``."""
-    return polynomial_schedule_with_warmup(
-        warmup_to_value,
-        anneal_to_value,
-        num_warmup_steps,
-        num_training_steps,
-        0.5,
-        func="sqrt_schedule_with_warmup",
-    )
+    steps = warmup_to_value, anneal_to_value, num_warmup_steps, num_training_steps
+    return _warmup_anneal("sqrt_schedule_with_warmup", "polynomial", "normal", *steps, 0.5, 20.0)
 
 
 def sqrt_schedule_with_inverse_warmup(
@@ -325,49 +262,54 @@ def sqrt_schedule_with_inverse_warmup(
     warmup_multiplier: float = 20.0,
 ) -> Curve:
     """The polynomial schedule with inverse warmup and ``P = 0.5``."""
-    return polynomial_schedule_with_inverse_warmup(
-        warmup_to_value,
-        anneal_to_value,
-        num_warmup_steps,
-        num_training_steps,
-        0.5,
-        warmup_multiplier,
-        func="sqrt_schedule_with_inverse_warmup",
+    steps = warmup_to_value, anneal_to_value, num_warmup_steps, num_training_steps
+    return _warmup_anneal(
+        "sqrt_schedule_with_inverse_warmup", "polynomial", "inverse", *steps, 0.5, warmup_multiplier
     )
 
 
 def constant_with_warmup(warmup_to_value: float, num_warmup_steps: int) -> Curve:
     """Linear warmup ``W t / L``, then ``W``."""
-    return warmup_anneal_curve(
-        warmup_to_value=warmup_to_value,
-        anneal_to_value=warmup_to_value,
-        num_warmup_steps=num_warmup_steps,
-        num_training_steps=0,
-        anneal="constant",
-        warmup="normal",
-        func="constant_with_warmup",
-    )
+    steps = warmup_to_value, warmup_to_value, num_warmup_steps, 0
+    return _warmup_anneal("constant_with_warmup", "constant", "normal", *steps, 1.0, 20.0)
 
 
 def constant_with_inverse_warmup(
     warmup_to_value: float, num_warmup_steps: int, warmup_multiplier: float = 20.0
 ) -> Curve:
     """Inverse warmup ``W (R - (R-1) t / L)``, then ``W``."""
-    return warmup_anneal_curve(
-        warmup_to_value=warmup_to_value,
-        anneal_to_value=warmup_to_value,
-        num_warmup_steps=num_warmup_steps,
-        num_training_steps=0,
-        anneal="constant",
-        warmup="inverse",
-        warmup_multiplier=warmup_multiplier,
-        func="constant_with_inverse_warmup",
-    )
+    steps = warmup_to_value, warmup_to_value, num_warmup_steps, 0
+    name = "constant_with_inverse_warmup"
+    return _warmup_anneal(name, "constant", "inverse", *steps, 1.0, warmup_multiplier)
 
 
 def constant_schedule(value: float) -> Curve:
     """``lambda(t) = value``."""
     return constant_curve(value, func="constant_schedule")
+
+
+def _warmup_anneal(
+    func: str,
+    anneal: AnnealKind,
+    warmup: WarmupKind,
+    W: float,
+    A: float,
+    L: int,
+    M: int,
+    P: float,
+    R: float,
+) -> Curve:
+    return warmup_anneal_curve(
+        warmup_to_value=W,
+        anneal_to_value=A,
+        num_warmup_steps=L,
+        num_training_steps=M,
+        anneal=anneal,
+        warmup=warmup,
+        polynomial_exponent=P,
+        warmup_multiplier=R,
+        func=func,
+    )
 
 
 BUILTIN_CURVES: dict[str, Callable[..., Curve]] = {
