@@ -423,6 +423,18 @@ def divergence_job(rank: int, world_size: int, flag: str) -> dict[str, Any]:
     except RuntimeError as exc:
         out["mismatch"] = str(exc)
 
+    # (a') GNTS: the ranks read different thresholds; the header's target tells, both raise.
+    model = DDP(make_model())
+    opt = make_optimizer(model)
+    opt.param_groups[0]["gradient_norm_threshold"] = 1.0 + rank
+    ctl = GradientNormThreshold(model, opt)
+    try:
+        with ctl.accumulate():
+            x, y = make_batch(0, rank, 2)
+            (model(x) - y).pow(2).mean().backward()
+    except RuntimeError as exc:
+        out["targets"] = str(exc)
+
     # (b) LogicalBatchSize, num_items: rank 1 makes one accumulate() call fewer.
     group = dist.new_group(timeout=timeout)
     model = DDP(make_model(), process_group=group)
@@ -471,6 +483,8 @@ def test_divergent_ranks_raise_instead_of_hanging(tmp_path: Any) -> None:
         assert "ranks diverged" in results[rank]["mismatch"]
         assert "rank 0: LogicalBatchSize with num_items, logical batch 0" in results[rank]["mismatch"]
         assert "rank 1: LogicalBatchSize with num_items, logical batch 1" in results[rank]["mismatch"]
+        assert ("GradientNormThreshold: ranks diverged: they read different targets [1.0, 2.0] "
+                "from 'gradient_norm_threshold'") in results[rank]["targets"]
     message, elapsed = results[0]["lbs"]
     assert "ranks diverged or a peer failed" in message and "micro-step 4" in message
     assert elapsed < PG_TIMEOUT_S + 5

@@ -1,14 +1,17 @@
 """The data-parallel group a controller talks to, and the two collectives it uses.
 
-A controller never communicates more than once per decision: one packed all-gather per
-micro-step (counts, norms, and a header that proves the ranks are in step) and, for
-sharded gradients only, one 1-element all-reduce of a non-finite flag. A collective
-that fails (usually a timeout because another rank stopped calling ``accumulate()``)
-is re-raised as a ``RuntimeError`` that says so.
+A controller never communicates more than once per decision (see
+``docs/control_loops.md``): one packed all-gather per micro-step (counts, norms, and a
+:class:`Header` that proves the ranks are in step) and, for sharded gradients only, one
+1-element all-reduce of a non-finite flag. A collective that fails (usually a timeout
+because another rank stopped calling ``accumulate()``) is re-raised as a ``RuntimeError``
+that says so.
 """
 
 from __future__ import annotations
 
+import zlib
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,7 +20,36 @@ from torch import Tensor, nn
 
 from ._grad_sync import ModelKind
 
-__all__ = ["DataParallelGroup"]
+_CONTROLLERS: dict[int, str] = {}  # a header's controller id -> the controller's name
+
+
+def _controller_id(name: str) -> int:
+    return zlib.crc32(name.encode())  # the same in every process, unlike hash()
+
+
+def register_controller(name: str) -> None:
+    """Let a header from the controller ``name`` be reported by name."""
+    known = _CONTROLLERS.setdefault(_controller_id(name), name)
+    if known != name:
+        raise TypeError(f"{name}: its header id is taken by {known}; rename it")
+
+
+@dataclass(frozen=True)
+class Header:
+    """What every rank's row of a micro-step's all-gather must agree on."""
+
+    controller: str
+    num_items: bool
+    logical_batch: int
+    micro_step: int
+    target: float
+
+
+def _describe(ids: list[int]) -> str:
+    controller, num_items, batch, micro_step = ids
+    name = _CONTROLLERS.get(controller, f"controller #{controller}")
+    with_items = " with num_items" if num_items else ""
+    return f"{name}{with_items}, logical batch {batch}, micro-step {micro_step}"
 
 
 class DataParallelGroup:
@@ -63,6 +95,43 @@ class DataParallelGroup:
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         self._run("all-gather", where, lambda: gather(out, local, group=self.group))
         return out.view(self.size, -1).cpu()
+
+    def exchange(
+        self, header: Header, items: int, shares: Tensor | None, where: str, key: str
+    ) -> tuple[int, Tensor]:
+        """Every rank's ``[header, items, shares]`` in one all-gather.
+
+        Returns ``items`` summed over ranks and every rank's ``shares`` (float64, one row
+        per rank). Raises the same error on every rank if the headers disagree (``key``
+        names the optimizer key the target was read from).
+        """
+        ids = [_controller_id(header.controller), int(header.num_items)]
+        ids += [header.logical_batch, header.micro_step, items]
+        floats = torch.tensor([header.target], dtype=torch.float64)
+        if shares is not None:
+            floats = torch.cat([floats.to(shares.device), shares.to(torch.float64).reshape(-1)])
+        ints = torch.tensor(ids, dtype=torch.int64, device=floats.device)
+        # One row of int64: the ids and items, then the floats as their bit patterns.
+        rows = self.all_gather(torch.cat([ints, floats.view(torch.int64)]), where)
+        columns = len(ids) - 1  # all but items must agree
+        agreed = rows[:, :columns]
+        if not bool((agreed == agreed[0]).all()):
+            ranks = ", ".join(
+                f"rank {r}: {_describe(row)}" for r, row in enumerate(agreed.tolist())
+            )
+            raise RuntimeError(
+                f"{self.owner}: ranks diverged: their accumulate() calls no longer line up "
+                f"({ranks}). Every rank must run the same micro-steps, pass num_items on "
+                "all of them or none, and resume from the same checkpoint."
+            )
+        values = rows[:, len(ids) :].contiguous().view(torch.float64)
+        targets = values[:, 0]
+        if not bool((targets == targets[0]).all()):
+            raise RuntimeError(
+                f"{self.owner}: ranks diverged: they read different targets "
+                f"{targets.tolist()} from {key!r}; step the schedule on every rank"
+            )
+        return int(rows[:, columns].sum()), values[:, 1:]
 
     def any(self, flag: bool, where: str) -> bool:
         """Whether ``flag`` is true on any rank (a 1-element all-reduce)."""
