@@ -10,9 +10,9 @@ that says so.
 
 from __future__ import annotations
 
+import struct
 import zlib
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -21,6 +21,17 @@ from torch import Tensor, nn
 from ._grad_sync import ModelKind
 
 _CONTROLLERS: dict[int, str] = {}  # a header's controller id -> the controller's name
+# Columns of an exchanged row: [controller, mode, logical batch, micro-step] must agree,
+# then this rank's items, then the target's bits (must agree), then the shares' bits.
+_AGREED, _ITEMS, _TARGET, _SHARES = 4, 4, 5, 6
+
+
+def _bits(value: float) -> int:
+    return struct.unpack("=q", struct.pack("=d", value))[0]  # torch's view(int64), in Python
+
+
+def _float(bits: int) -> float:
+    return struct.unpack("=d", struct.pack("=q", bits))[0]
 
 
 def _controller_id(name: str) -> int:
@@ -34,8 +45,7 @@ def register_controller(name: str) -> None:
         raise TypeError(f"{name}: its header id is taken by {known}; rename it")
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):
     """What every rank's row of a micro-step's all-gather must agree on."""
 
     controller: str
@@ -105,33 +115,30 @@ class DataParallelGroup:
         per rank). Raises the same error on every rank if the headers disagree (``key``
         names the optimizer key the target was read from).
         """
-        ids = [_controller_id(header.controller), int(header.num_items)]
-        ids += [header.logical_batch, header.micro_step, items]
-        floats = torch.tensor([header.target], dtype=torch.float64)
+        # One int64 row: the header and items, the target's float64 bits, then the shares'.
+        row = [_controller_id(header.controller), int(header.num_items), header.logical_batch]
+        row += [header.micro_step, items, _bits(header.target)]
+        local = torch.tensor(row, dtype=torch.int64)
         if shares is not None:
-            floats = torch.cat([floats.to(shares.device), shares.to(torch.float64).reshape(-1)])
-        ints = torch.tensor(ids, dtype=torch.int64, device=floats.device)
-        # One row of int64: the ids and items, then the floats as their bit patterns.
-        rows = self.all_gather(torch.cat([ints, floats.view(torch.int64)]), where)
-        columns = len(ids) - 1  # all but items must agree
-        agreed = rows[:, :columns]
-        if not bool((agreed == agreed[0]).all()):
-            ranks = ", ".join(
-                f"rank {r}: {_describe(row)}" for r, row in enumerate(agreed.tolist())
-            )
+            bits = shares.to(torch.float64).reshape(-1).view(torch.int64)
+            local = torch.cat([local.to(bits.device), bits])
+        rows = self.all_gather(local, where)
+        table = rows.tolist()  # one host copy; the checks below are plain Python
+        if any(r[:_AGREED] != table[0][:_AGREED] for r in table):
+            ranks = ", ".join(f"rank {i}: {_describe(r[:_AGREED])}" for i, r in enumerate(table))
             raise RuntimeError(
                 f"{self.owner}: ranks diverged: their accumulate() calls no longer line up "
                 f"({ranks}). Every rank must run the same micro-steps, pass num_items on "
                 "all of them or none, and resume from the same checkpoint."
             )
-        values = rows[:, len(ids) :].contiguous().view(torch.float64)
-        targets = values[:, 0]
-        if not bool((targets == targets[0]).all()):
+        if any(r[_TARGET] != table[0][_TARGET] for r in table):
+            targets = [_float(r[_TARGET]) for r in table]
             raise RuntimeError(
-                f"{self.owner}: ranks diverged: they read different targets "
-                f"{targets.tolist()} from {key!r}; step the schedule on every rank"
+                f"{self.owner}: ranks diverged: they read different targets {targets} "
+                f"from {key!r}; step the schedule on every rank"
             )
-        return int(rows[:, columns].sum()), values[:, 1:]
+        shares_of_all = rows[:, _SHARES:].contiguous().view(torch.float64)
+        return sum(r[_ITEMS] for r in table), shares_of_all
 
     def any(self, flag: bool, where: str) -> bool:
         """Whether ``flag`` is true on any rank (a 1-element all-reduce)."""
