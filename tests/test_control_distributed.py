@@ -41,6 +41,7 @@ MAX_ACCUMULATION = 4
 
 # --- the problem every rank and the reference share -------------------------------------
 
+
 def make_model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(F64)
@@ -87,11 +88,14 @@ class TableSchedule:
 def full_params(model: nn.Module) -> list[torch.Tensor]:
     """Unsharded parameters in ``make_model()`` order (FSDP1's state dict is a full one)."""
     state = (model.module if isinstance(model, DDP) else model).state_dict()
-    return [(v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
-            for v in state.values()]
+    return [
+        (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+        for v in state.values()
+    ]
 
 
 # --- single-process references -----------------------------------------------------------
+
 
 def reference_logical_batch(per_item: bool) -> list[torch.Tensor]:
     """One process: each logical batch is every rank's micro-batches until N >= target."""
@@ -142,6 +146,7 @@ def reference_gnts(per_item: bool) -> tuple[list[torch.Tensor], list[bool]]:
 
 # --- what runs on every rank ---------------------------------------------------------------
 
+
 def train(
     model: nn.Module,
     ctl: Any,
@@ -168,20 +173,32 @@ def train(
             j += 1
             decisions.append(ctl.ready)
             if ctl.metrics()["dropped_batches"] > len(drops):
-                drops.append({**ctl.metrics(), "grads_none": all(
-                    p.grad is None for p in model.parameters())})
+                drops.append(
+                    {**ctl.metrics(), "grads_none": all(p.grad is None for p in model.parameters())}
+                )
             if ctl.ready:
                 opt.step()
                 opt.zero_grad()
                 schedule.step()
                 if save_to and ctl.metrics()["optimizer_steps"] == STEPS // 2:
-                    torch.save({
-                        "model": getattr(model, "module", model).state_dict(),
-                        "opt": opt.state_dict(), "schedule": schedule.state_dict(),
-                        "ctl": ctl.state_dict(), "j": j,
-                    }, f"{save_to}.rank{rank}")
-    return {"params": full_params(model), "decisions": decisions, "micro_steps": j,
-            "extra": sum(extra.values()), "metrics": ctl.metrics(), "drops": drops}
+                    torch.save(
+                        {
+                            "model": getattr(model, "module", model).state_dict(),
+                            "opt": opt.state_dict(),
+                            "schedule": schedule.state_dict(),
+                            "ctl": ctl.state_dict(),
+                            "j": j,
+                        },
+                        f"{save_to}.rank{rank}",
+                    )
+    return {
+        "params": full_params(model),
+        "decisions": decisions,
+        "micro_steps": j,
+        "extra": sum(extra.values()),
+        "metrics": ctl.metrics(),
+        "drops": drops,
+    }
 
 
 def ddp_run(rank: int, kind: str, per_item: bool, **kw: Any) -> dict[str, Any]:
@@ -218,6 +235,7 @@ def ddp_runs(rank: int, ckpt: str) -> dict[str, Any]:
 
 
 # --- DDP -----------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def ckpt_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
@@ -301,6 +319,7 @@ def test_ddp_nan_on_one_rank_drops_the_batch_everywhere(ddp: list, run: str) -> 
 
 # --- resume in fresh processes -------------------------------------------------------------
 
+
 def resume_job(rank: int, world_size: int, ckpt: str) -> dict[str, Any]:
     out = {}
     for kind in ("lbs", "gnts"):
@@ -332,6 +351,7 @@ def test_resume_in_fresh_processes_equals_the_uninterrupted_run(ddp: list, ckpt_
 
 
 # --- FSDP2 and FSDP1 ------------------------------------------------------------------------
+
 
 def fsdp_run(kind: str, rank: int, wrapper: str, poison_shard_at: int | None = None) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
@@ -423,6 +443,18 @@ def divergence_job(rank: int, world_size: int, flag: str) -> dict[str, Any]:
     except RuntimeError as exc:
         out["mismatch"] = str(exc)
 
+    # (a') GNTS: the ranks read different thresholds; the header's target tells, both raise.
+    model = DDP(make_model())
+    opt = make_optimizer(model)
+    opt.param_groups[0]["gradient_norm_threshold"] = 1.0 + rank
+    ctl = GradientNormThreshold(model, opt)
+    try:
+        with ctl.accumulate():
+            x, y = make_batch(0, rank, 2)
+            (model(x) - y).pow(2).mean().backward()
+    except RuntimeError as exc:
+        out["targets"] = str(exc)
+
     # (b) LogicalBatchSize, num_items: rank 1 makes one accumulate() call fewer.
     group = dist.new_group(timeout=timeout)
     model = DDP(make_model(), process_group=group)
@@ -464,13 +496,22 @@ def divergence_job(rank: int, world_size: int, flag: str) -> dict[str, Any]:
 
 def test_divergent_ranks_raise_instead_of_hanging(tmp_path: Any) -> None:
     start = time.monotonic()
-    results = run_ranks(divergence_job, WORLD, deadline_s=60, destroy=False,
-                        flag=str(tmp_path / "done"))
+    results = run_ranks(
+        divergence_job, WORLD, deadline_s=60, destroy=False, flag=str(tmp_path / "done")
+    )
     assert time.monotonic() - start < 45
     for rank in range(WORLD):
         assert "ranks diverged" in results[rank]["mismatch"]
-        assert "rank 0: LogicalBatchSize with num_items, logical batch 0" in results[rank]["mismatch"]
-        assert "rank 1: LogicalBatchSize with num_items, logical batch 1" in results[rank]["mismatch"]
+        assert (
+            "rank 0: LogicalBatchSize with num_items, logical batch 0" in results[rank]["mismatch"]
+        )
+        assert (
+            "rank 1: LogicalBatchSize with num_items, logical batch 1" in results[rank]["mismatch"]
+        )
+        assert (
+            "GradientNormThreshold: ranks diverged: they read different targets [1.0, 2.0] "
+            "from 'gradient_norm_threshold'"
+        ) in results[rank]["targets"]
     message, elapsed = results[0]["lbs"]
     assert "ranks diverged or a peer failed" in message and "micro-step 4" in message
     assert elapsed < PG_TIMEOUT_S + 5

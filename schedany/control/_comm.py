@@ -1,15 +1,18 @@
 """The data-parallel group a controller talks to, and the two collectives it uses.
 
-A controller never communicates more than once per decision: one packed all-gather per
-micro-step (counts, norms, and a header that proves the ranks are in step) and, for
-sharded gradients only, one 1-element all-reduce of a non-finite flag. A collective
-that fails (usually a timeout because another rank stopped calling ``accumulate()``)
-is re-raised as a ``RuntimeError`` that says so.
+A controller never communicates more than once per decision (see
+``docs/control_loops.md``): one packed all-gather per micro-step (counts, norms, and a
+:class:`Header` that proves the ranks are in step) and, for sharded gradients only, one
+1-element all-reduce of a non-finite flag. A collective that fails (usually a timeout
+because another rank stopped calling ``accumulate()``) is re-raised as a ``RuntimeError``
+that says so.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import struct
+import zlib
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -17,7 +20,46 @@ from torch import Tensor, nn
 
 from ._grad_sync import ModelKind
 
-__all__ = ["DataParallelGroup"]
+_CONTROLLERS: dict[int, str] = {}  # a header's controller id -> the controller's name
+# Columns of an exchanged row: [controller, mode, logical batch, micro-step] must agree,
+# then this rank's items, then the target's bits (must agree), then the shares' bits.
+_AGREED, _ITEMS, _TARGET, _SHARES = 4, 4, 5, 6
+
+
+def _bits(value: float) -> int:
+    return struct.unpack("=q", struct.pack("=d", value))[0]  # torch's view(int64), in Python
+
+
+def _float(bits: int) -> float:
+    return struct.unpack("=d", struct.pack("=q", bits))[0]
+
+
+def _controller_id(name: str) -> int:
+    return zlib.crc32(name.encode())  # the same in every process, unlike hash()
+
+
+def register_controller(name: str) -> None:
+    """Let a header from the controller ``name`` be reported by name."""
+    known = _CONTROLLERS.setdefault(_controller_id(name), name)
+    if known != name:
+        raise TypeError(f"{name}: its header id is taken by {known}; rename it")
+
+
+class Header(NamedTuple):
+    """What every rank's row of a micro-step's all-gather must agree on."""
+
+    controller: str
+    num_items: bool
+    logical_batch: int
+    micro_step: int
+    target: float
+
+
+def _describe(ids: list[int]) -> str:
+    controller, num_items, batch, micro_step = ids
+    name = _CONTROLLERS.get(controller, f"controller #{controller}")
+    with_items = " with num_items" if num_items else ""
+    return f"{name}{with_items}, logical batch {batch}, micro-step {micro_step}"
 
 
 class DataParallelGroup:
@@ -63,6 +105,40 @@ class DataParallelGroup:
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         self._run("all-gather", where, lambda: gather(out, local, group=self.group))
         return out.view(self.size, -1).cpu()
+
+    def exchange(
+        self, header: Header, items: int, shares: Tensor | None, where: str, key: str
+    ) -> tuple[int, Tensor]:
+        """Every rank's ``[header, items, shares]`` in one all-gather.
+
+        Returns ``items`` summed over ranks and every rank's ``shares`` (float64, one row
+        per rank). Raises the same error on every rank if the headers disagree (``key``
+        names the optimizer key the target was read from).
+        """
+        # One int64 row: the header and items, the target's float64 bits, then the shares'.
+        row = [_controller_id(header.controller), int(header.num_items), header.logical_batch]
+        row += [header.micro_step, items, _bits(header.target)]
+        local = torch.tensor(row, dtype=torch.int64)
+        if shares is not None:
+            bits = shares.to(torch.float64).reshape(-1).view(torch.int64)
+            local = torch.cat([local.to(bits.device), bits])
+        rows = self.all_gather(local, where)
+        table = rows.tolist()  # one host copy; the checks below are plain Python
+        if any(r[:_AGREED] != table[0][:_AGREED] for r in table):
+            ranks = ", ".join(f"rank {i}: {_describe(r[:_AGREED])}" for i, r in enumerate(table))
+            raise RuntimeError(
+                f"{self.owner}: ranks diverged: their accumulate() calls no longer line up "
+                f"({ranks}). Every rank must run the same micro-steps, pass num_items on "
+                "all of them or none, and resume from the same checkpoint."
+            )
+        if any(r[_TARGET] != table[0][_TARGET] for r in table):
+            targets = [_float(r[_TARGET]) for r in table]
+            raise RuntimeError(
+                f"{self.owner}: ranks diverged: they read different targets {targets} "
+                f"from {key!r}; step the schedule on every rank"
+            )
+        shares_of_all = rows[:, _SHARES:].contiguous().view(torch.float64)
+        return sum(r[_ITEMS] for r in table), shares_of_all
 
     def any(self, flag: bool, where: str) -> bool:
         """Whether ``flag`` is true on any rank (a 1-element all-reduce)."""

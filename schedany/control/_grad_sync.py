@@ -15,8 +15,6 @@ from typing import Literal
 import torch
 from torch import nn
 
-__all__ = ["GradientSync", "ModelKind", "model_kind"]
-
 ModelKind = Literal["plain", "ddp", "fsdp1", "fsdp2"]
 
 

@@ -12,8 +12,6 @@ from collections import defaultdict
 import torch
 from torch import Tensor, nn
 
-__all__ = ["local_grads", "squared_norms", "all_finite", "divide_"]
-
 try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # torch < 2.5, or a build without torch.distributed
@@ -94,7 +92,9 @@ def squared_norms(model: nn.Module, plain_grads_sharded: bool) -> tuple[Tensor, 
         return _sum_of_squares(sharded, weights, device), _sum_of_squares(replicated, None, device)
 
 
-def _sum_of_squares(tensors: list[Tensor], weights: list[float] | None, device: torch.device) -> Tensor:
+def _sum_of_squares(
+    tensors: list[Tensor], weights: list[float] | None, device: torch.device
+) -> Tensor:
     if not tensors:  # skip the kernels: plain/DDP models have no sharded part, FSDP2 no other
         return torch.zeros((), dtype=torch.float64, device=device)
     squares = _norms(tensors, device=device).square()
@@ -116,7 +116,7 @@ def all_finite(grads: list[Tensor]) -> bool:
 
 
 def divide_(grads: list[Tensor], divisor: float) -> None:
-    """Divide every local gradient in place by ``divisor`` (the paper's ``grad /= k``)."""
+    """Divide every local gradient in place by ``divisor`` (accumulated sum to mean)."""
     if divisor == 1.0 or not grads:
         return
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)

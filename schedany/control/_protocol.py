@@ -1,115 +1,131 @@
 """The ``accumulate()`` / ``ready`` protocol both reactive controllers share.
 
-A controller runs one *logical batch* at a time: it opens one on the first micro-step
-after the previous one closed (reading the scheduled target then, after the user's
-``schedule.step()``), takes one decision per micro-step, and closes it either *ready*
-(gradients rescaled to the mean, the user steps) or *dropped* (non-finite gradients:
-zeroed, nobody steps). Decisions that need other ranks' numbers come from one packed
-all-gather whose header (controller, mode, logical batch, micro-step) every rank
-checks, so ranks whose loops drifted apart stop with an error instead of pairing the
-wrong collectives.
+See ``docs/control_loops.md``. The base class owns the protocol and the counters: it opens
+a *logical batch* on the first micro-step after the previous one closed (reading the
+scheduled target then, after the user's ``schedule.step()``), counts its micro-steps and
+items over all ranks, and ends it *ready* (gradients rescaled to the mean, the user steps)
+or *dropped* (gradients zeroed, nobody steps). A subclass answers one question per
+micro-step, from a :class:`Tally` that is the same on every rank: continue, close or drop.
+
+When it is asked follows from what the answer needs. A controller that decides from counts
+is asked before the forward, so that only the micro-step that closes synchronizes
+gradients; as its decision never saw them, the gradients are checked for NaN/inf when it
+closes. A controller that decides from the gradient norm (``measures_gradients``) is asked
+after the backward, every micro-step synchronizes, and a non-finite norm drops the logical
+batch at once.
+
+Numbers from other ranks come from one packed all-gather whose header (controller, mode,
+logical batch, micro-step, target) every rank checks, so ranks whose loops drifted apart
+stop with an error instead of pairing the wrong collectives.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 from collections.abc import Iterator
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .._targets import did_you_mean
-from ._comm import DataParallelGroup
+from ._checks import check_num_items, read_scheduled_value
+from ._comm import DataParallelGroup, Header, register_controller
 from ._grad_sync import GradientSync
-from ._grads import all_finite, divide_, local_grads
-
-__all__ = ["AccumulationController", "check_optional_count", "read_scheduled_value"]
+from ._grads import all_finite, divide_, local_grads, squared_norms
 
 Mode = Literal["micro_batch", "num_items"]
+Decision = Literal["continue", "close", "drop"]
+"""A controller's answer for one micro-step: keep accumulating, end the logical batch with
+the mean gradient (ready), or end it without an optimizer step."""
 _STATE_KEYS = frozenset({"controller", "mode", "optimizer_steps", "dropped_batches"})
-_HEADER = 4  # tag, logical batch, micro-step, items; payload columns follow
 
 
-def read_scheduled_value(optimizer: Optimizer, key: str, owner: str) -> float:
-    """The max over param groups of ``group[key]`` (groups without the key are skipped)."""
-    values = []
-    for i, group in enumerate(optimizer.param_groups):
-        if key not in group:
-            continue
-        value = group[key]
-        if isinstance(value, Tensor) and value.numel() == 1:
-            value = value.item()
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(
-                f"{owner}: optimizer.param_groups[{i}][{key!r}] must be a real number, got {value!r}"
-            )
-        values.append(float(value))
-    if not values:
-        keys = sorted({k for group in optimizer.param_groups for k in group if k != "params"})
-        raise KeyError(
-            f"{owner}: key={key!r} is in no optimizer param group (keys: {keys})"
-            f"{did_you_mean(key, keys)} "
-            f"Add it first: schedany.extend_optimizer(optimizer, {key!r}, initial_value)"
-        )
-    value = max(values)
-    if math.isnan(value):
-        raise ValueError(f"{owner}: the scheduled {key!r} is nan (max over param groups)")
-    return value
+def _sum_over_ranks(rows: Tensor) -> float:
+    """The global ``‖S‖²`` from every rank's ``(sharded, replicated)`` row of shares.
+
+    The sharded shares add up over ranks; the replicated one is the same on every rank.
+    Every rank sums the same numbers in the same order, so it gets the same bits and
+    takes the same decision.
+    """
+    values = rows.tolist()
+    return math.fsum(sharded for sharded, _ in values) + values[0][1]
 
 
-def check_optional_count(value: Any, name: str, owner: str) -> None:
-    """Reject ``value`` unless it is ``None`` or an ``int >= 1`` (a bool is no int here)."""
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{owner}: {name} must be an int or None, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{owner}: {name} must be >= 1, got {value}")
+class Tally(NamedTuple):
+    """What a controller decides a micro-step from; the same numbers on every rank."""
+
+    micro_steps: int
+    """Micro-steps of the logical batch, the current one included."""
+    items: int
+    """Items of the logical batch over all ranks, the current micro-step's included."""
+    target: float
+    """The scheduled value, read when the logical batch started."""
+    mean_divisor: float
+    """What turns the accumulated ``.grad`` into the mean: ``items / W`` with num_items
+    (DDP/FSDP already averaged over the ``W`` ranks), else ``micro_steps``."""
+    sum_of_squares: float = math.nan
+    """``‖S‖²`` of the accumulated gradient over all ranks and shards; only measured for
+    a controller with ``measures_gradients``."""
+
+    @property
+    def grad_norm(self) -> float:
+        """``‖mean gradient‖₂``: nan while there are no items to take the mean over, inf
+        or nan when the gradients are not finite."""
+        norm = math.sqrt(self.sum_of_squares)
+        if not math.isfinite(norm):
+            return norm
+        return norm / self.mean_divisor if self.items else math.nan
 
 
 class AccumulationController:
     """Base of :class:`LogicalBatchSize` and :class:`GradientNormThreshold`.
 
-    Subclasses set ``_TAG`` and implement ``_begin_logical_batch`` (read the target),
-    ``_before_micro_step`` (return whether this micro-step must sync gradients) and
-    ``_after_micro_step`` (decide, then ``_close`` when the logical batch ends).
+    A subclass sets ``name`` (in messages, checkpoints and the all-gathered header), sets
+    ``measures_gradients`` if its decision needs the gradient norm, and implements
+    ``_decide``. It may override ``_read_target`` (to reject a target) and
+    ``_micro_batch_items`` (what a micro-step without num_items counts).
     """
 
-    _TAG: ClassVar[int]
+    name: ClassVar[str]
+    measures_gradients: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            register_controller(cls.name)
 
     def __init__(
         self, model: nn.Module, optimizer: Optimizer, key: str, process_group: Any | None
     ) -> None:
-        owner = type(self).__name__
         if not isinstance(model, nn.Module):
             raise TypeError(
-                f"{owner}: model must be a torch.nn.Module (plain, DDP or fully_shard), "
+                f"{self.name}: model must be a torch.nn.Module (plain, DDP or fully_shard), "
                 f"got {type(model).__name__}"
             )
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
-                f"{owner}: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+                f"{self.name}: optimizer must be a torch.optim.Optimizer, "
+                f"got {type(optimizer).__name__}"
             )
         if not isinstance(key, str) or not key:
-            raise TypeError(f"{owner}: key must be a non-empty str, got {key!r}")
+            raise TypeError(f"{self.name}: key must be a non-empty str, got {key!r}")
         self.model = model
         self.optimizer = optimizer
         self.key = key
         self._sync = GradientSync(model)
-        self._dp = DataParallelGroup(model, self._sync.kind, process_group, owner)
+        self._dp = DataParallelGroup(model, self._sync.kind, process_group, self.name)
         self.world_size = self._dp.size
         # FSDP1 keeps each rank's shard of the flat gradient in a plain tensor.
         self._plain_grads_sharded = self._sync.kind == "fsdp1" and (
             str(getattr(model, "sharding_strategy", "")).split(".")[-1] != "NO_SHARD"
         )
-        read_scheduled_value(optimizer, key, owner)  # a typo fails here, not mid-run
+        read_scheduled_value(optimizer, key, self.name)  # a typo fails here, not mid-run
         self._mode: Mode | None = None
         self._optimizer_steps = 0
         self._dropped_batches = 0
+        self._target = math.nan
         self._micro_steps = 0
         self._items = 0
         self._open = False
@@ -128,39 +144,42 @@ class AccumulationController:
                 must be a *sum* over those items; without it, a micro-batch mean. Pass
                 it on every micro-step or on none.
         """
-        owner = type(self).__name__
         if self._in_block:
-            raise RuntimeError(f"{owner}.accumulate() blocks cannot be nested")
+            raise RuntimeError(f"{self.name}.accumulate() blocks cannot be nested")
         if self._failed:
             raise RuntimeError(
-                f"{owner}: an earlier accumulate() block raised, so its logical batch can't "
-                "be finished the same way on every rank; load a checkpoint "
+                f"{self.name}: an earlier accumulate() block raised, so its logical batch "
+                "can't be finished the same way on every rank; load a checkpoint "
                 "(load_state_dict) or build a new controller"
             )
         items = self._check_num_items(num_items)
         if not self._open:
-            self._begin_logical_batch()  # may reject the target; nothing has changed yet
+            self._target = self._read_target()  # may reject it; nothing has changed yet
             self._micro_steps, self._items, self._ready, self._open = 0, 0, False, True
         # Until this micro-step completes, an exception anywhere (a failed collective,
         # the user's forward) leaves a logical batch no rank can finish consistently.
         self._failed = True
-        sync = self._before_micro_step(items)
+        # DDP reads its sync flag in forward(): a decision from counts is taken before it,
+        # so only the closing micro-step syncs; one that needs the synced gradients can
+        # only come after the backward, so every micro-step syncs.
+        early = None if self.measures_gradients else self._ask(items)
+        sync = early is None or early[1] == "close"
         self._in_block = True
         try:
-            with self._sync(sync):
+            with self._sync(enabled=sync):
                 yield
         except RuntimeError as exc:
             if hasattr(exc, "add_note"):  # Python >= 3.11
                 exc.add_note(
-                    f"schedany: raised inside {owner}.accumulate() at {self._where}. If it "
-                    "is a timeout or a closed connection, the ranks diverged: another rank "
-                    "stopped calling accumulate() (or crashed) and left this collective "
-                    "without a partner."
+                    f"schedany: raised inside {self.name}.accumulate() at {self._where}. If "
+                    "it is a timeout or a closed connection, the ranks diverged: another "
+                    "rank stopped calling accumulate() (or crashed) and left this "
+                    "collective without a partner."
                 )
             raise
         finally:
             self._in_block = False
-        self._after_micro_step(items)
+        self._end_micro_step(*(early or self._ask(items)))
         self._failed = False
 
     @property
@@ -182,12 +201,12 @@ class AccumulationController:
         """The counters, at an optimizer-step boundary (not inside a logical batch)."""
         if self._open:
             raise RuntimeError(
-                f"{type(self).__name__}.state_dict() called in the middle of a logical "
-                f"batch (after micro-step {self._micro_steps}); its accumulated gradients "
-                "belong to no checkpoint. Save when ready is True (after optimizer.step())."
+                f"{self.name}.state_dict() called in the middle of a logical batch (after "
+                f"micro-step {self._micro_steps}); its accumulated gradients belong to no "
+                "checkpoint. Save when ready is True (after optimizer.step())."
             )
         return {
-            "controller": type(self).__name__,
+            "controller": self.name,
             "mode": self._mode,
             "optimizer_steps": self._optimizer_steps,
             "dropped_batches": self._dropped_batches,
@@ -195,37 +214,40 @@ class AccumulationController:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore counters saved by :meth:`state_dict`; strict about keys and class."""
-        owner = type(self).__name__
         missing, unknown = _STATE_KEYS - state_dict.keys(), state_dict.keys() - _STATE_KEYS
         if missing or unknown:
             raise KeyError(
-                f"{owner}.load_state_dict: missing keys {sorted(missing)}, "
+                f"{self.name}.load_state_dict: missing keys {sorted(missing)}, "
                 f"unknown keys {sorted(unknown)}"
             )
-        if state_dict["controller"] != owner:
+        if state_dict["controller"] != self.name:
             raise ValueError(
-                f"{owner}.load_state_dict: the state was saved by {state_dict['controller']!r}"
+                f"{self.name}.load_state_dict: the state was saved by {state_dict['controller']!r}"
             )
         if self._in_block:
-            raise RuntimeError(f"{owner}.load_state_dict() called inside accumulate()")
+            raise RuntimeError(f"{self.name}.load_state_dict() called inside accumulate()")
         self._mode = state_dict["mode"]
         self._optimizer_steps = int(state_dict["optimizer_steps"])
         self._dropped_batches = int(state_dict["dropped_batches"])
         self._micro_steps, self._items = 0, 0
         self._open = self._ready = self._failed = False
 
-    # --- hooks for the subclasses -------------------------------------------------
+    # --- what a subclass answers --------------------------------------------------
 
-    def _begin_logical_batch(self) -> None:
+    def _decide(self, tally: Tally) -> Decision:
+        """Whether the logical batch goes on, closes or is dropped after this micro-step."""
         raise NotImplementedError
 
-    def _before_micro_step(self, items: int | None) -> bool:
-        raise NotImplementedError
+    def _read_target(self) -> float:
+        """The target of a new logical batch: the max over param groups of ``key``."""
+        return read_scheduled_value(self.optimizer, self.key, self.name)
 
-    def _after_micro_step(self, items: int | None) -> None:
-        raise NotImplementedError
+    def _micro_batch_items(self) -> int:
+        """Items a micro-step without num_items adds (over all ranks): one unit here.
+        A controller that cannot count without num_items raises ``ValueError``."""
+        return 1
 
-    # --- shared machinery ---------------------------------------------------------
+    # --- the protocol's machinery -------------------------------------------------
 
     @property
     def _batch_index(self) -> int:
@@ -236,71 +258,58 @@ class AccumulationController:
         return self.world_size > 1
 
     @property
-    def _mean_divisor(self) -> float:
-        """What turns the accumulated ``.grad`` into the mean: ``N / W`` with num_items
-        (DDP/FSDP already averaged over the ``W`` ranks), else the micro-step count."""
-        if self._mode == "num_items":
-            return self._items / self.world_size
-        return float(self._micro_steps)
-
-    @property
     def _where(self) -> str:
         return f"logical batch {self._batch_index}, micro-step {self._micro_steps}"
 
     def _check_num_items(self, num_items: Any) -> int | None:
-        owner = type(self).__name__
-        if isinstance(num_items, Tensor) and num_items.numel() == 1 and not num_items.is_floating_point():
-            num_items = int(num_items.item())
-        if num_items is not None and (
-            isinstance(num_items, bool) or not isinstance(num_items, numbers.Integral)
-        ):
-            raise TypeError(
-                f"{owner}.accumulate: num_items must be an int (this rank's sample or token "
-                f"count) or None, got {num_items!r}"
-            )
-        if num_items is not None and num_items < 0:
-            raise ValueError(f"{owner}.accumulate: num_items must be >= 0, got {num_items}")
-        mode: Mode = "micro_batch" if num_items is None else "num_items"
+        items = check_num_items(num_items, self.name)
+        mode: Mode = "micro_batch" if items is None else "num_items"
         if self._mode is None:
-            self._check_mode(mode)
+            if mode == "micro_batch":
+                self._micro_batch_items()  # raises if this controller can't count that way
             self._mode = mode
         elif mode != self._mode:
             raise ValueError(
-                f"{owner}.accumulate(num_items={num_items!r}): this controller has run "
+                f"{self.name}.accumulate(num_items={items!r}): this controller has run "
                 f"{'with' if self._mode == 'num_items' else 'without'} num_items so far; pass "
                 "it on every micro-step or on none (with it the loss is a sum, without it a mean)"
             )
-        return None if num_items is None else int(num_items)
+        return items
 
-    def _check_mode(self, mode: Mode) -> None:
-        """Subclasses reject a mode they cannot count in."""
+    def _ask(self, items: int | None) -> tuple[Tally, Decision]:
+        """This micro-step's tally and the subclass's decision on it."""
+        tally = self._tally(items)
+        return tally, self._decide(tally)
 
-    def _exchange(self, items: int, payload: Tensor | None = None) -> tuple[int, Tensor]:
-        """The one per-micro-step collective: all-gather ``[header, payload]``.
-
-        Returns the items summed over ranks and the float64 payload of every rank
-        (shape ``(world_size, n)``). Raises if the headers disagree.
-        """
-        tag = 2 * self._TAG + (self._mode == "num_items")
-        header = [tag, self._batch_index, self._micro_steps, items]
-        local = torch.tensor(header, dtype=torch.int64)
-        if payload is not None:  # floats travel as their int64 bit patterns
-            bits = payload.to(torch.float64).reshape(-1).view(torch.int64)
-            local = torch.cat([local.to(bits.device), bits])
-        rows = self._dp.all_gather(local, self._where)
-        ids = rows[:, :3]
-        if not bool((ids == ids[0]).all()):
-            where = ", ".join(
-                f"rank {r}: {'LogicalBatchSize' if t // 2 == 1 else 'GradientNormThreshold'}"
-                f"{' with num_items' if t % 2 else ''}, logical batch {b}, micro-step {m}"
-                for r, (t, b, m) in enumerate(ids.tolist())
+    def _tally(self, items: int | None) -> Tally:
+        """The counts after this micro-step (and the gradient norm, if measured), taking
+        one all-gather when they need other ranks' numbers, none otherwise."""
+        shares = None  # the (sharded, replicated) parts of this rank's ‖S‖²
+        if self.measures_gradients:
+            shares = squared_norms(self.model, self._plain_grads_sharded)
+        summed, sum_of_squares = items or 0, math.nan
+        if self._distributed and (items is not None or shares is not None):
+            header = Header(
+                controller=self.name,
+                num_items=self._mode == "num_items",
+                logical_batch=self._batch_index,
+                micro_step=self._micro_steps,
+                target=self._target,
             )
-            raise RuntimeError(
-                f"{type(self).__name__}: ranks diverged: their accumulate() calls no longer "
-                f"line up ({where}). Every rank must run the same micro-steps, pass num_items "
-                "on all of them or none, and resume from the same checkpoint."
-            )
-        return int(rows[:, 3].sum()), rows[:, _HEADER:].contiguous().view(torch.float64)
+            payload = None if shares is None else torch.stack(shares)
+            summed, rows = self._dp.exchange(header, items or 0, payload, self._where, self.key)
+            if shares is not None:
+                sum_of_squares = _sum_over_ranks(rows)
+        elif shares is not None:
+            sum_of_squares = float(shares[0] + shares[1])  # one host sync
+        micro_steps = self._micro_steps + 1
+        if self._mode == "num_items":
+            total = self._items + summed
+            divisor = total / self.world_size
+        else:
+            total = self._items + self._micro_batch_items()
+            divisor = float(micro_steps)
+        return Tally(micro_steps, total, self._target, divisor, sum_of_squares)
 
     def _agree_finite(self, grads: list[Tensor]) -> bool:
         """Whether the synced gradients are finite, the same answer on every rank.
@@ -313,17 +322,22 @@ class AccumulationController:
             return finite
         return not self._dp.any(not finite, f"the non-finite check of {self._where}")
 
-    def _close(self, divisor: float, finite: bool | None) -> None:
-        """End the logical batch: mean gradients and ready, or drop it on every rank."""
-        grads = local_grads(self.model)
-        if finite is None:
-            finite = self._agree_finite(grads)
+    def _end_micro_step(self, tally: Tally, decision: Decision) -> None:
+        """Count the micro-step, then close or drop the logical batch if it ends here."""
+        self._micro_steps, self._items = tally.micro_steps, tally.items
+        if self.measures_gradients and not math.isfinite(tally.sum_of_squares):
+            decision = "drop"  # every rank gathered the same non-finite sum
+        if decision == "continue":
+            return
         self._open = False
-        if finite:
-            divide_(grads, divisor)
-            self._ready = True
-            self._optimizer_steps += 1
-        else:
-            self.model.zero_grad(set_to_none=True)
-            self._micro_steps, self._items = 0, 0
-            self._dropped_batches += 1
+        if decision == "close":
+            grads = local_grads(self.model)
+            # A decision taken before the backward never saw the gradients: check them now.
+            if self.measures_gradients or self._agree_finite(grads):
+                divide_(grads, tally.mean_divisor)
+                self._ready = True
+                self._optimizer_steps += 1
+                return
+        self.model.zero_grad(set_to_none=True)
+        self._micro_steps, self._items = 0, 0
+        self._dropped_batches += 1

@@ -1,16 +1,15 @@
-"""Gradient norm threshold scheduling, GNTS (paper, section 5.3)."""
+"""Gradient norm threshold scheduling, GNTS (see ``docs/control_loops.md``)."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
-import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from ._grads import squared_norms
-from ._protocol import AccumulationController, check_optional_count, read_scheduled_value
+from ._checks import check_optional_count
+from ._protocol import AccumulationController, Decision, Tally
 
 __all__ = ["GradientNormThreshold"]
 
@@ -68,7 +67,8 @@ class GradientNormThreshold(AccumulationController):
         True 0.5
     """
 
-    _TAG = 2
+    name = "GradientNormThreshold"
+    measures_gradients = True
 
     def __init__(
         self,
@@ -78,47 +78,23 @@ class GradientNormThreshold(AccumulationController):
         max_accumulation_steps: int | None = None,
         process_group: Any | None = None,
     ) -> None:
-        check_optional_count(
-            max_accumulation_steps, "max_accumulation_steps", "GradientNormThreshold"
-        )
+        check_optional_count(max_accumulation_steps, "max_accumulation_steps", self.name)
         super().__init__(model, optimizer, key, process_group)
         self.max_accumulation_steps = max_accumulation_steps
-        self._threshold = math.nan
         self._grad_norm = math.nan
 
     def metrics(self) -> dict[str, float]:
         """``grad_norm`` (of the mean gradient), ``threshold``, ``micro_steps``,
         ``items`` (global; micro-steps without num_items), ``optimizer_steps``,
         ``dropped_batches``."""
-        return {"grad_norm": self._grad_norm, "threshold": self._threshold, **super().metrics()}
+        return {"grad_norm": self._grad_norm, "threshold": self._target, **super().metrics()}
 
-    def _begin_logical_batch(self) -> None:
-        self._threshold = read_scheduled_value(self.optimizer, self.key, "GradientNormThreshold")
-
-    def _before_micro_step(self, items: int | None) -> bool:
-        return True  # any micro-step may close the logical batch
-
-    def _after_micro_step(self, items: int | None) -> None:
-        self._micro_steps += 1
-        sharded, replicated = squared_norms(self.model, self._plain_grads_sharded)
-        if self._distributed:
-            total, rows = self._exchange(items or 0, torch.stack([sharded, replicated]))
-            # Same numbers summed in the same order: every rank gets the same bits.
-            sum_of_squares = math.fsum(rows[:, 0].tolist()) + float(rows[0, 1])
-        else:
-            total, sum_of_squares = items or 0, float(sharded + replicated)  # one host sync
-        self._items = self._items + total if self._mode == "num_items" else self._micro_steps
-        divisor = self._mean_divisor
+    def _decide(self, tally: Tally) -> Decision:
+        self._grad_norm = tally.grad_norm  # inf or nan if not finite: the base drops it
         limit = self.max_accumulation_steps
-        at_limit = limit is not None and self._micro_steps >= limit
-        if not math.isfinite(sum_of_squares):
-            self._grad_norm = math.sqrt(sum_of_squares)  # inf or nan, for the metrics
-            self._close(divisor, finite=False)
-        elif self._items == 0:  # num_items all zero so far: no mean to judge
-            self._grad_norm = math.nan
-            if at_limit:
-                self._close(divisor, finite=False)
-        else:
-            self._grad_norm = math.sqrt(sum_of_squares) / divisor
-            if self._grad_norm <= self._threshold or at_limit:
-                self._close(divisor, finite=True)
+        at_limit = limit is not None and tally.micro_steps >= limit
+        if tally.items == 0:  # num_items all zero so far: no mean to judge
+            return "drop" if at_limit else "continue"
+        if tally.grad_norm <= tally.target or at_limit:
+            return "close"
+        return "continue"

@@ -1,15 +1,15 @@
-"""Gradient accumulation to a scheduled logical batch size (paper, section 5.2)."""
+"""Gradient accumulation to a scheduled logical batch size (see ``docs/control_loops.md``)."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
-import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from ._protocol import AccumulationController, Mode, check_optional_count, read_scheduled_value
+from ._checks import check_optional_count
+from ._protocol import AccumulationController, Decision, Tally
 
 __all__ = ["LogicalBatchSize"]
 
@@ -67,7 +67,7 @@ class LogicalBatchSize(AccumulationController):
         5 True 12.0
     """
 
-    _TAG = 1
+    name = "LogicalBatchSize"
 
     def __init__(
         self,
@@ -77,52 +77,32 @@ class LogicalBatchSize(AccumulationController):
         micro_batch_size: int | None = None,
         process_group: Any | None = None,
     ) -> None:
-        check_optional_count(micro_batch_size, "micro_batch_size", "LogicalBatchSize")
+        check_optional_count(micro_batch_size, "micro_batch_size", self.name)
         super().__init__(model, optimizer, key, process_group)
         self.micro_batch_size = micro_batch_size
-        self._target = math.nan
-        self._closing = False
-        self._items_after = 0
 
     def metrics(self) -> dict[str, float]:
         """``target``, ``micro_steps``, ``items`` (global), ``optimizer_steps``,
         ``dropped_batches``."""
         return {"target": self._target, **super().metrics()}
 
-    def _check_mode(self, mode: Mode) -> None:
-        if mode == "micro_batch" and self.micro_batch_size is None:
+    def _decide(self, tally: Tally) -> Decision:
+        # An all-empty logical batch has no mean; keep accumulating until it has items.
+        if tally.items >= tally.target and tally.items > 0:
+            return "close"
+        return "continue"
+
+    def _read_target(self) -> float:
+        target = super()._read_target()
+        if math.isinf(target):  # no logical batch would ever close
+            raise ValueError(f"{self.name}: the scheduled {self.key!r} is {target}")
+        return target
+
+    def _micro_batch_items(self) -> int:
+        if self.micro_batch_size is None:
             raise ValueError(
-                "LogicalBatchSize.accumulate(num_items=None) needs micro_batch_size: pass "
+                f"{self.name}.accumulate(num_items=None) needs micro_batch_size: pass "
                 "num_items (this rank's sample or token count, with a summed loss) or build "
                 "the controller with micro_batch_size=... (with a mean loss)"
             )
-
-    def _begin_logical_batch(self) -> None:
-        target = read_scheduled_value(self.optimizer, self.key, "LogicalBatchSize")
-        if math.isinf(target):
-            raise ValueError(f"LogicalBatchSize: the scheduled {self.key!r} is {target}")
-        self._target = target
-
-    def _before_micro_step(self, items: int | None) -> bool:
-        if items is None:
-            assert self.micro_batch_size is not None  # _check_mode guarantees it
-            self._items_after = (self._micro_steps + 1) * self.micro_batch_size * self.world_size
-        elif self._distributed:
-            total, targets = self._exchange(items, torch.tensor([self._target]))
-            if not bool((targets == targets[0]).all()):
-                raise RuntimeError(
-                    f"LogicalBatchSize: ranks diverged: they read different targets "
-                    f"{targets[:, 0].tolist()} from {self.key!r}; step the schedule on every rank"
-                )
-            self._items_after = self._items + total
-        else:
-            self._items_after = self._items + items
-        # An all-empty logical batch has no mean; keep accumulating until it has items.
-        self._closing = self._items_after >= self._target and self._items_after > 0
-        return self._closing
-
-    def _after_micro_step(self, items: int | None) -> None:
-        self._micro_steps += 1
-        self._items = self._items_after
-        if self._closing:
-            self._close(self._mean_divisor, None)
+        return self.micro_batch_size * self.world_size

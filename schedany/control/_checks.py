@@ -1,0 +1,75 @@
+"""The argument checks both controllers share: scheduled values, counts and num_items.
+
+They accept what a training loop naturally holds: a one-element tensor, and any
+``numbers.Real`` / ``numbers.Integral`` (numpy scalars included); never a bool.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .._targets import did_you_mean
+
+
+def read_scheduled_value(optimizer: Optimizer, key: str, owner: str) -> float:
+    """The max over param groups of ``group[key]`` (groups without the key are skipped)."""
+    values = []
+    for i, group in enumerate(optimizer.param_groups):
+        if key not in group:
+            continue
+        value = group[key]
+        if isinstance(value, Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(
+                f"{owner}: optimizer.param_groups[{i}][{key!r}] must be a real number, "
+                f"got {value!r}"
+            )
+        values.append(float(value))
+    if not values:
+        keys = sorted({k for group in optimizer.param_groups for k in group if k != "params"})
+        raise KeyError(
+            f"{owner}: key={key!r} is in no optimizer param group (keys: {keys})"
+            f"{did_you_mean(key, keys)} "
+            f"Add it first: schedany.extend_optimizer(optimizer, {key!r}, initial_value)"
+        )
+    value = max(values)
+    if math.isnan(value):
+        raise ValueError(f"{owner}: the scheduled {key!r} is nan (max over param groups)")
+    return value
+
+
+def check_optional_count(value: Any, name: str, owner: str) -> None:
+    """Reject ``value`` unless it is ``None`` or an ``int >= 1`` (a bool is no int here)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner}: {name} must be an int or None, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{owner}: {name} must be >= 1, got {value}")
+
+
+def check_num_items(num_items: Any, owner: str) -> int | None:
+    """``num_items`` of ``owner.accumulate()`` as an int (a 0-d integer tensor counts), or
+    None; rejects the rest."""
+    if (
+        isinstance(num_items, Tensor)
+        and num_items.numel() == 1
+        and not num_items.is_floating_point()
+    ):
+        num_items = int(num_items.item())
+    if num_items is None:
+        return None
+    if isinstance(num_items, bool) or not isinstance(num_items, numbers.Integral):
+        raise TypeError(
+            f"{owner}.accumulate: num_items must be an int (this rank's sample or token "
+            f"count) or None, got {num_items!r}"
+        )
+    if num_items < 0:
+        raise ValueError(f"{owner}.accumulate: num_items must be >= 0, got {num_items}")
+    return int(num_items)
