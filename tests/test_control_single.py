@@ -398,16 +398,16 @@ def test_bad_arguments_raise_clear_errors() -> None:
         LogicalBatchSize(model, opt, key="logical_batch_sise")
     with pytest.raises(KeyError, match="extend_optimizer"):
         GradientNormThreshold(model, opt)
-    with pytest.raises(ValueError, match="micro_batch_size must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="requires micro_batch_size to be an integer >= 1, got micro_batch_size=0"):
         LogicalBatchSize(model, opt, micro_batch_size=0)
-    with pytest.raises(TypeError, match="micro_batch_size must be an int or None, got '4'"):
+    with pytest.raises(TypeError, match="requires micro_batch_size to be an integer >= 1, got micro_batch_size='4'"):
         LogicalBatchSize(model, opt, micro_batch_size="4")
-    with pytest.raises(TypeError, match="micro_batch_size must be an int or None, got True"):
+    with pytest.raises(TypeError, match="requires micro_batch_size to be an integer >= 1, got micro_batch_size=True"):
         LogicalBatchSize(model, opt, micro_batch_size=True)
     opt.param_groups[0]["gradient_norm_threshold"] = 1.0
-    with pytest.raises(ValueError, match="max_accumulation_steps must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="requires max_accumulation_steps to be an integer >= 1, got max_accumulation_steps=0"):
         GradientNormThreshold(model, opt, max_accumulation_steps=0)
-    with pytest.raises(TypeError, match="max_accumulation_steps must be an int or None, got 2.5"):
+    with pytest.raises(TypeError, match="requires max_accumulation_steps to be an integer >= 1, got max_accumulation_steps=2.5"):
         GradientNormThreshold(model, opt, max_accumulation_steps=2.5)
     with pytest.raises(ValueError, match="process_group=.* plain Sequential"):
         LogicalBatchSize(model, opt, process_group=object())
@@ -421,10 +421,10 @@ def test_misuse_of_accumulate_raises_clear_errors() -> None:
     with pytest.raises(ValueError, match=r"accumulate\(num_items=None\) needs micro_batch_size"):
         with ctl.accumulate():
             pass
-    with pytest.raises(ValueError, match="num_items must be >= 0, got -1"):
+    with pytest.raises(ValueError, match="accumulate requires num_items to be an integer >= 0, got num_items=-1"):
         with ctl.accumulate(num_items=-1):
             pass
-    with pytest.raises(TypeError, match="num_items must be an int .* got 2.5"):
+    with pytest.raises(TypeError, match="accumulate requires num_items to be an integer >= 0, got num_items=2.5"):
         with ctl.accumulate(num_items=2.5):
             pass
 

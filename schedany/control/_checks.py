@@ -1,19 +1,20 @@
 """The argument checks both controllers share: scheduled values, counts and num_items.
 
-They accept what a training loop naturally holds: a one-element tensor, and any
-``numbers.Real`` / ``numbers.Integral`` (numpy scalars included); never a bool.
+They accept what a training loop naturally holds: a one-element tensor, and any real
+number or integer as :mod:`schedany.errors` defines them (numpy scalars included, never a
+bool); counts are checked with :func:`schedany.errors.check_integer`.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any
 
 from torch import Tensor
 from torch.optim import Optimizer
 
 from .._targets import did_you_mean
+from ..errors import check_integer, is_real
 
 
 def read_scheduled_value(optimizer: Optimizer, key: str, owner: str) -> float:
@@ -25,7 +26,7 @@ def read_scheduled_value(optimizer: Optimizer, key: str, owner: str) -> float:
         value = group[key]
         if isinstance(value, Tensor) and value.numel() == 1:
             value = value.item()
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        if not is_real(value):
             raise TypeError(
                 f"{owner}: optimizer.param_groups[{i}][{key!r}] must be a real number, "
                 f"got {value!r}"
@@ -45,13 +46,9 @@ def read_scheduled_value(optimizer: Optimizer, key: str, owner: str) -> float:
 
 
 def check_optional_count(value: Any, name: str, owner: str) -> None:
-    """Reject ``value`` unless it is ``None`` or an ``int >= 1`` (a bool is no int here)."""
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{owner}: {name} must be an int or None, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{owner}: {name} must be >= 1, got {value}")
+    """Reject ``value`` unless it is ``None`` or an integer >= 1."""
+    if value is not None:
+        check_integer(value, name, min=1, func=owner)
 
 
 def check_num_items(num_items: Any, owner: str) -> int | None:
@@ -65,11 +62,4 @@ def check_num_items(num_items: Any, owner: str) -> int | None:
         num_items = int(num_items.item())
     if num_items is None:
         return None
-    if isinstance(num_items, bool) or not isinstance(num_items, numbers.Integral):
-        raise TypeError(
-            f"{owner}.accumulate: num_items must be an int (this rank's sample or token "
-            f"count) or None, got {num_items!r}"
-        )
-    if num_items < 0:
-        raise ValueError(f"{owner}.accumulate: num_items must be >= 0, got {num_items}")
-    return int(num_items)
+    return check_integer(num_items, "num_items", min=0, func=f"{owner}.accumulate")
