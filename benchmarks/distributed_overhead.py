@@ -45,8 +45,13 @@ WIDTH = 1024
 def make_model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(  # 5.25 M parameters
-        nn.Linear(WIDTH, 2 * WIDTH), nn.ReLU(), nn.Linear(2 * WIDTH, WIDTH), nn.ReLU(),
-        nn.Linear(WIDTH, WIDTH), nn.ReLU(), nn.Linear(WIDTH, 1),
+        nn.Linear(WIDTH, 2 * WIDTH),
+        nn.ReLU(),
+        nn.Linear(2 * WIDTH, WIDTH),
+        nn.ReLU(),
+        nn.Linear(WIDTH, WIDTH),
+        nn.ReLU(),
+        nn.Linear(WIDTH, 1),
     )
 
 
@@ -55,6 +60,7 @@ def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str) 
 
 
 # --- the variants: one optimizer step each ---------------------------------------------------
+
 
 def hand_no_sync(model: DDP, opt: Any, batches: list, state: dict) -> None:
     for i, (x, y) in enumerate(batches):
@@ -136,6 +142,7 @@ VARIANTS: dict[str, tuple[Callable, str]] = {  # name -> (one optimizer step, it
 
 # --- measurement ------------------------------------------------------------------------------
 
+
 def count_per_step(name: str, batches: list, batch: int) -> tuple[float, float]:
     """(gradient syncs, other collectives) per optimizer step, from one untimed step."""
     hook_calls = [0]
@@ -177,11 +184,18 @@ def count_per_step(name: str, batches: list, batch: int) -> tuple[float, float]:
 
 def worker(rank: int, world: int, init: str, args: argparse.Namespace, out: str) -> None:
     torch.set_num_threads(args.threads)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+    )
     g = torch.Generator().manual_seed(rank)
-    batches = [(torch.randn(args.batch, WIDTH, generator=g), torch.randn(args.batch, 1, generator=g))
-               for _ in range(K)]
+    batches = [
+        (torch.randn(args.batch, WIDTH, generator=g), torch.randn(args.batch, 1, generator=g))
+        for _ in range(K)
+    ]
     counts = {name: count_per_step(name, batches, args.batch) for name in VARIANTS}
 
     runs = {}
@@ -194,7 +208,7 @@ def worker(rank: int, world: int, init: str, args: argparse.Namespace, out: str)
     names = list(runs)
     for r in range(args.rounds):
         # a rotated order each round, so no variant always runs right after another
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             model, opt, state = runs[name]
             dist.barrier()
             start = time.perf_counter()
@@ -204,8 +218,14 @@ def worker(rank: int, world: int, init: str, args: argparse.Namespace, out: str)
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the slower rank sets the pace
             times[name].append(elapsed.item() / args.steps)
     if rank == 0:
-        torch.save({"times": times, "counts": counts,
-                    "params": sum(p.numel() for p in make_model().parameters())}, out)
+        torch.save(
+            {
+                "times": times,
+                "counts": counts,
+                "params": sum(p.numel() for p in make_model().parameters()),
+            },
+            out,
+        )
     dist.destroy_process_group()
 
 
@@ -221,19 +241,25 @@ def main() -> None:
         mp.spawn(worker, args=(2, os.path.join(tmp, "init"), args, out), nprocs=2)
         result = torch.load(out, weights_only=False)
     times = result["times"]
-    print(f"2 ranks, gloo, CPU ({args.threads} thread/rank), torch {torch.__version__}, "
-          f"{result['params'] / 1e6:.2f} M params, k = {K} micro-steps of {args.batch} "
-          f"samples/rank; {args.rounds} interleaved rounds of {args.steps} step(s); "
-          "ratio = median over rounds of (variant / baseline, same round)")
-    header = (f"{'variant':<38} {'s/step':>7} {'ratio':>6}  {'baseline':<36} "
-              f"{'grad syncs/step':>15} {'other collectives/step':>22}")
+    print(
+        f"2 ranks, gloo, CPU ({args.threads} thread/rank), torch {torch.__version__}, "
+        f"{result['params'] / 1e6:.2f} M params, k = {K} micro-steps of {args.batch} "
+        f"samples/rank; {args.rounds} interleaved rounds of {args.steps} step(s); "
+        "ratio = median over rounds of (variant / baseline, same round)"
+    )
+    header = (
+        f"{'variant':<38} {'s/step':>7} {'ratio':>6}  {'baseline':<36} "
+        f"{'grad syncs/step':>15} {'other collectives/step':>22}"
+    )
     print(header)
     print("-" * len(header))
     for name, (_, baseline) in VARIANTS.items():
         syncs, other = result["counts"][name]
         ratio = statistics.median(a / b for a, b in zip(times[name], times[baseline]))
-        print(f"{name:<38} {statistics.median(times[name]):7.3f} {ratio:6.3f}  {baseline:<36} "
-              f"{syncs:15.0f} {other:22.0f}")
+        print(
+            f"{name:<38} {statistics.median(times[name]):7.3f} {ratio:6.3f}  {baseline:<36} "
+            f"{syncs:15.0f} {other:22.0f}"
+        )
 
 
 if __name__ == "__main__":

@@ -46,11 +46,17 @@ class Bare:
             group.update((opt.param_groups or {}).get(group["name"], {}))
         self.optimizer = torch.optim.AdamW(groups, **opt.kwargs)
         sampler = trainer.sampler
-        corpus = load_corpus(config.data.path, suffixes=config.data.suffixes,
-                             max_bytes=config.data.max_bytes)
+        corpus = load_corpus(
+            config.data.path, suffixes=config.data.suffixes, max_bytes=config.data.max_bytes
+        )
         train_docs, _ = corpus.split(config.data.eval_fraction, seed=config.seed)
-        self.sampler = MicroBatchSampler(train_docs, sampler.micro_batch_size, sampler.seq_len,
-                                         seed=config.seed, min_len=sampler.min_len)
+        self.sampler = MicroBatchSampler(
+            train_docs,
+            sampler.micro_batch_size,
+            sampler.seq_len,
+            seed=config.seed,
+            min_len=sampler.min_len,
+        )
         self.accumulate = config.control.kind != "none"
         self.params = [p for p in self.model.parameters()]
 
@@ -92,21 +98,27 @@ def measure(name: str, steps: int, warmup: int) -> tuple[float, float, float, fl
             bare_times.append(plain)
             micro += count
     ratios = [j / b for j, b in zip(job_times, bare_times)]
-    return (statistics.median(job_times) * 1e3, statistics.median(bare_times) * 1e3,
-            statistics.median(ratios), micro / steps)
+    return (
+        statistics.median(job_times) * 1e3,
+        statistics.median(bare_times) * 1e3,
+        statistics.median(ratios),
+        micro / steps,
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", nargs="+",
-                        default=["baseline", "logical_batch", "weight_decay", "gnts"])
+    parser.add_argument(
+        "--configs", nargs="+", default=["baseline", "logical_batch", "weight_decay", "gnts"]
+    )
     parser.add_argument("--quick", action="store_true", help="fewer rounds")
     args = parser.parse_args()
     steps = 20 if args.quick else 60
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {steps} optimizer "
-          "steps per config, job and bare interleaved step by step; medians")
-    print(f"{'config':<15}{'micro/step':>11}{'job ms/step':>13}{'bare ms/step':>14}"
-          f"{'ratio':>8}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; {steps} optimizer "
+        "steps per config, job and bare interleaved step by step; medians"
+    )
+    print(f"{'config':<15}{'micro/step':>11}{'job ms/step':>13}{'bare ms/step':>14}{'ratio':>8}")
     for name in args.configs:
         job, bare, ratio, micro = measure(name, steps, warmup=5)
         print(f"{name:<15}{micro:>11.2f}{job:>13.1f}{bare:>14.1f}{ratio:>8.3f}")

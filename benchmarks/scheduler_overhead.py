@@ -48,25 +48,31 @@ warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
 def make_optimizer(groups: int) -> torch.optim.AdamW:
     params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(groups)]
     return torch.optim.AdamW(
-        [{"params": [p], "lr": 1e-3 * (1 + i % 7), "weight_decay": 0.01 * (1 + i % 5)}
-         for i, p in enumerate(params)]
+        [
+            {"params": [p], "lr": 1e-3 * (1 + i % 7), "weight_decay": 0.01 * (1 + i % 5)}
+            for i, p in enumerate(params)
+        ]
     )
 
 
 def build_schedany(groups: int) -> Callable[[], None]:
     optimizer = make_optimizer(groups)
-    schedule = schedany.SynchronousSchedule([
-        schedany.cosine_annealing_with_warmup(optimizer, W, A, L, M, schedule_target=target,
-                                              default_value=default)
-        for target, default in (("lr", None), ("weight_decay", None), ("clip", 1.0))
-    ])
+    schedule = schedany.SynchronousSchedule(
+        [
+            schedany.cosine_annealing_with_warmup(
+                optimizer, W, A, L, M, schedule_target=target, default_value=default
+            )
+            for target, default in (("lr", None), ("weight_decay", None), ("clip", 1.0))
+        ]
+    )
     optimizer.step()  # no grads: a no-op that satisfies torch's step-order check
     return schedule.step
 
 
 def build_lambdalr(groups: int) -> Callable[[], None]:
-    curve = warmup_anneal_curve(warmup_to_value=W, anneal_to_value=A,
-                                num_warmup_steps=L, num_training_steps=M)
+    curve = warmup_anneal_curve(
+        warmup_to_value=W, anneal_to_value=A, num_warmup_steps=L, num_training_steps=M
+    )
     optimizers = [make_optimizer(groups) for _ in range(K)]
     a, b, c = (LambdaLR(opt, curve) for opt in optimizers)
     for opt in optimizers:
@@ -84,10 +90,12 @@ def tsa_builder(tsa: ModuleType) -> Callable[[int], Callable[[], None]]:
     def build(groups: int) -> Callable[[], None]:
         optimizer = make_optimizer(groups)
         tsa.extend_optimizer(optimizer, "clip", 1.0)
-        schedule = tsa.SynchronousSchedule([
-            tsa.cosine_annealing_with_warmup(optimizer, W, A, L, M, schedule_target=target)
-            for target in ("lr", "weight_decay", "clip")
-        ])
+        schedule = tsa.SynchronousSchedule(
+            [
+                tsa.cosine_annealing_with_warmup(optimizer, W, A, L, M, schedule_target=target)
+                for target in ("lr", "weight_decay", "clip")
+            ]
+        )
         optimizer.step()
         return schedule.step
 
@@ -105,9 +113,20 @@ def load_tsa(install: bool) -> tuple[ModuleType | None, str]:
         target = Path(tempfile.gettempdir()) / f"schedany-bench-tsa-{TSA_VERSION}"
         if not (target / "torch_schedule_anything").is_dir():
             done = subprocess.run(
-                [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
-                 str(target), f"torch-schedule-anything=={TSA_VERSION}"],
-                capture_output=True, text=True, timeout=300,
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--no-deps",
+                    "--target",
+                    str(target),
+                    f"torch-schedule-anything=={TSA_VERSION}",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=300,
             )
             if done.returncode != 0:
                 last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -119,7 +138,10 @@ def load_tsa(install: bool) -> tuple[ModuleType | None, str]:
             return None, f"installed, but the import failed: {error}"
     version = getattr(module, "__version__", "unknown")
     if version != TSA_VERSION:
-        return None, f"torch_schedule_anything {version} is installed, this benchmark wants {TSA_VERSION}"
+        return (
+            None,
+            f"torch_schedule_anything {version} is installed, this benchmark wants {TSA_VERSION}",
+        )
     return module, f"torch_schedule_anything {version}"
 
 
@@ -134,8 +156,12 @@ def per_step_seconds(step: Callable[[], None], n: int) -> float:
         gc.enable()
 
 
-def measure(builders: dict[str, Callable[[int], Callable[[], None]]], groups: int,
-            repeats: int, budget_s: float) -> dict[str, float]:
+def measure(
+    builders: dict[str, Callable[[int], Callable[[], None]]],
+    groups: int,
+    repeats: int,
+    budget_s: float,
+) -> dict[str, float]:
     steps = {name: build(groups) for name, build in builders.items()}
     # Calibrate the step count so one timed block of the slowest variant takes ~budget_s.
     slowest = max(per_step_seconds(step, 3) for step in steps.values())
@@ -143,7 +169,7 @@ def measure(builders: dict[str, Callable[[int], Callable[[], None]]], groups: in
     samples: dict[str, list[float]] = {name: [] for name in steps}
     order = list(steps.items())
     for r in range(repeats):  # interleaved: each repeat times every variant once,
-        for name, step in order[r % len(order):] + order[:r % len(order)]:  # in rotating order
+        for name, step in order[r % len(order) :] + order[: r % len(order)]:  # in rotating order
             samples[name].append(per_step_seconds(step, n))
     return {name: statistics.median(values) for name, values in samples.items()}
 
@@ -151,27 +177,39 @@ def measure(builders: dict[str, Callable[[int], Callable[[], None]]], groups: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats, shorter blocks")
-    parser.add_argument("--no-install", action="store_true",
-                        help="do not pip-install torch-schedule-anything if it is missing")
+    parser.add_argument(
+        "--no-install",
+        action="store_true",
+        help="do not pip-install torch-schedule-anything if it is missing",
+    )
     parser.add_argument("--groups", type=int, nargs="+", default=list(GROUPS))
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="interleaved repeats per G (default 15, 6 with --quick)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="interleaved repeats per G (default 15, 6 with --quick)",
+    )
     args = parser.parse_args()
     repeats, budget = (6, 0.01) if args.quick else (15, 0.02)
     repeats = args.repeats or repeats
 
     builders: dict[str, Callable[[int], Callable[[], None]]] = {
-        "schedany": build_schedany, "lambdalr": build_lambdalr,
+        "schedany": build_schedany,
+        "lambdalr": build_lambdalr,
     }
     tsa, tsa_note = load_tsa(install=not args.no_install)
     if tsa is not None:
         builders["tsa"] = tsa_builder(tsa)
 
-    print(f"torch {torch.__version__}, python {sys.version.split()[0]}, K = {K} keys; "
-          f"median of {repeats} interleaved repeats")
+    print(
+        f"torch {torch.__version__}, python {sys.version.split()[0]}, K = {K} keys; "
+        f"median of {repeats} interleaved repeats"
+    )
     print(f"(b) baseline: {tsa_note}" if tsa else f"(b) column skipped: {tsa_note}")
-    header = (f"{'G':>5} | {'schedany':>10} | {'3x LambdaLR':>11} | {'(a) ratio':>9} | "
-              f"{'tsa 1.2.3':>10} | {'(b) ratio':>9} | {'us per group*key':>16}")
+    header = (
+        f"{'G':>5} | {'schedany':>10} | {'3x LambdaLR':>11} | {'(a) ratio':>9} | "
+        f"{'tsa 1.2.3':>10} | {'(b) ratio':>9} | {'us per group*key':>16}"
+    )
     print(header)
     print("-" * len(header))
     rows = []
@@ -180,10 +218,16 @@ def main() -> None:
         ours, stock = t["schedany"], t["lambdalr"]
         per_unit = ours / (groups * K) * 1e6
         rows.append((groups, ours))
-        tsa_cells = (f"{t['tsa'] * 1e3:8.3f}ms | {ours / t['tsa']:9.3f}" if "tsa" in t
-                     else f"{'-':>10} | {'-':>9}")
-        print(f"{groups:>5} | {ours * 1e3:8.3f}ms | {stock * 1e3:9.3f}ms | {ours / stock:9.3f} | "
-              f"{tsa_cells} | {per_unit:16.3f}", flush=True)
+        tsa_cells = (
+            f"{t['tsa'] * 1e3:8.3f}ms | {ours / t['tsa']:9.3f}"
+            if "tsa" in t
+            else f"{'-':>10} | {'-':>9}"
+        )
+        print(
+            f"{groups:>5} | {ours * 1e3:8.3f}ms | {stock * 1e3:9.3f}ms | {ours / stock:9.3f} | "
+            f"{tsa_cells} | {per_unit:16.3f}",
+            flush=True,
+        )
 
     if len(rows) >= 2:
         # Linear in G*K: each 10x more groups costs ~10x (log-log slope ~1); the slope
@@ -193,6 +237,7 @@ def main() -> None:
             for (g0, t0), (g1, t1) in zip(rows, rows[1:])
         )
         print(f"linear growth in G*K (K = {K} fixed): {slopes}; 1.00 = linear")
+
 
 if __name__ == "__main__":
     main()

@@ -54,8 +54,9 @@ def bare_trainable(values: dict[str, Any], *, base: dict[str, Any]) -> None:
     train_docs, eval_docs = load_corpus(d.path, suffixes=d.suffixes, max_bytes=d.max_bytes).split(
         d.eval_fraction, seed=config.seed
     )
-    sampler = MicroBatchSampler(train_docs, t.micro_batch_size, m.seq_len, seed=config.seed,
-                                min_len=d.min_len)
+    sampler = MicroBatchSampler(
+        train_docs, t.micro_batch_size, m.seq_len, seed=config.seed, min_len=d.min_len
+    )
     eval_set = eval_batches(eval_docs, d.eval_batch_size, m.seq_len, max_windows=d.eval_windows)
     window_loss = window_tokens = 0.0
     for step in range(1, t.steps + 1):
@@ -71,12 +72,21 @@ def bare_trainable(values: dict[str, Any], *, base: dict[str, Any]) -> None:
                 sums = [loss(model, b, "sum") for b in eval_set]
             eval_loss = sum(float(s) for s, _ in sums) / sum(n for _, n in sums)
             with tempfile.TemporaryDirectory() as folder:
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "schedule": schedule.state_dict(), "step": step},
-                           os.path.join(folder, "state.pt"))
+                torch.save(
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(),
+                        "step": step,
+                    },
+                    os.path.join(folder, "state.pt"),
+                )
                 tune.report(
-                    {"global_step": step, "train/loss": window_loss / window_tokens,
-                     "eval/loss": eval_loss},
+                    {
+                        "global_step": step,
+                        "train/loss": window_loss / window_tokens,
+                        "eval/loss": eval_loss,
+                    },
                     checkpoint=tune.Checkpoint.from_directory(folder),
                 )
             window_loss = window_tokens = 0.0
@@ -95,20 +105,30 @@ def main() -> None:
         "model": {"d_model": 32, "n_layers": 2, "n_heads": 4, "seq_len": 64},
         "data": {"max_bytes": 262144, "eval_windows": 16, "eval_batch_size": 16},
         "optimizer": {"name": "AdamW", "lr": 3.0e-3, "weight_decay": 0.1},
-        "schedules": {"lr": {"curve": "cosine_annealing_with_warmup", "warmup_to_value": 1.0,
-                             "anneal_to_value": 0.1, "num_warmup_steps": 10,
-                             "num_training_steps": args.steps}},
+        "schedules": {
+            "lr": {
+                "curve": "cosine_annealing_with_warmup",
+                "warmup_to_value": 1.0,
+                "anneal_to_value": 0.1,
+                "num_warmup_steps": 10,
+                "num_training_steps": args.steps,
+            }
+        },
         "train": {"steps": args.steps, "micro_batch_size": 8, "log_every": 10},
     }
     parse_config(base)
     import yaml
 
     (root / "base.yaml").write_text(yaml.safe_dump(base))
-    (root / "sweep.yaml").write_text(yaml.safe_dump({
-        "base": "base.yaml",
-        "search": {"schedules.lr.num_warmup_steps": {"grid": WARMUPS[: args.trials]}},
-        "tune": {"storage_path": str(root / "runs")},
-    }))
+    (root / "sweep.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "base": "base.yaml",
+                "search": {"schedules.lr.num_warmup_steps": {"grid": WARMUPS[: args.trials]}},
+                "tune": {"storage_path": str(root / "runs")},
+            }
+        )
+    )
     sweep = load_sweep(root / "sweep.yaml")
     times: dict[str, list[float]] = {"adapter": [], "bare": []}
     try:
@@ -124,15 +144,19 @@ def main() -> None:
                             tune.with_parameters(bare_trainable, base=copy.deepcopy(sweep.base)),
                             param_space={p: d.to_tune() for p, d in sweep.search.items()},
                             tune_config=tune.TuneConfig(metric="eval/loss", mode="min"),
-                            run_config=tune.RunConfig(name="bare", storage_path=str(root / "runs"),
-                                                      verbose=0),
+                            run_config=tune.RunConfig(
+                                name="bare", storage_path=str(root / "runs"), verbose=0
+                            ),
                         )
                     start = time.perf_counter()
                     results = tuner.fit()
                     times[kind].append(time.perf_counter() - start)
                     assert not results.errors, results.errors
-                    print(f"{kind:8s} {args.trials} trials x {args.steps} steps: "
-                          f"{times[kind][-1]:.1f} s", flush=True)
+                    print(
+                        f"{kind:8s} {args.trials} trials x {args.steps} steps: "
+                        f"{times[kind][-1]:.1f} s",
+                        flush=True,
+                    )
     finally:
         shutil.rmtree(root, ignore_errors=True)
     ratio = sum(times["adapter"]) / sum(times["bare"])

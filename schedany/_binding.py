@@ -224,11 +224,15 @@ def arbitrary_schedule_factory(
         0.025
     """
     if not isinstance(optimizer, Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
     if isinstance(optimizer, BoundOptimizer):
         raise TypeError("optimizer is a schedany proxy; pass the real optimizer (proxy.optimizer)")
     if not callable(schedule_factory):
-        raise TypeError(f"schedule_factory must be callable (proxy -> scheduler), got {schedule_factory!r}")
+        raise TypeError(
+            f"schedule_factory must be callable (proxy -> scheduler), got {schedule_factory!r}"
+        )
     target = parse_target(schedule_target)
 
     proxy: BoundOptimizer | None = None
@@ -252,7 +256,9 @@ def arbitrary_schedule_factory(
             raise
 
 
-def _build_on(proxy: BoundOptimizer, schedule_factory: Callable[[Optimizer], LRScheduler]) -> LRScheduler:
+def _build_on(
+    proxy: BoundOptimizer, schedule_factory: Callable[[Optimizer], LRScheduler]
+) -> LRScheduler:
     """Call the user's factory on the proxy and check what it built."""
     try:
         scheduler = schedule_factory(proxy)

@@ -107,7 +107,7 @@ def polynomial_schedule_with_inverse_warmup(
     schedule_target: str = "lr",
     default_value: Any = None,
 ) -> LambdaLR:
-    """Bind :func:`schedany.curves.polynomial_schedule_with_inverse_warmup` to ``schedule_target``."""
+    """Bind :func:`schedany.curves.polynomial_schedule_with_inverse_warmup` to the target."""
     curve = curves.polynomial_schedule_with_inverse_warmup(
         warmup_to_value,
         anneal_to_value,
@@ -178,7 +178,7 @@ def quadratic_schedule_with_inverse_warmup(
     schedule_target: str = "lr",
     default_value: Any = None,
 ) -> LambdaLR:
-    """Bind :func:`schedany.curves.quadratic_schedule_with_inverse_warmup` to ``schedule_target``."""
+    """Bind :func:`schedany.curves.quadratic_schedule_with_inverse_warmup` to the target."""
     curve = curves.quadratic_schedule_with_inverse_warmup(
         warmup_to_value, anneal_to_value, num_warmup_steps, num_training_steps, warmup_multiplier
     )

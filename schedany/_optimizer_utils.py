@@ -22,15 +22,23 @@ def extend_optimizer(
 
     >>> import torch
     >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    >>> extend_optimizer(opt, "gradient_norm_threshold", 1.0).param_groups[0]["gradient_norm_threshold"]
+    >>> extend_optimizer(opt, "clip", 1.0).param_groups[0]["clip"]
     1.0
     """
     if not isinstance(optimizer, Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
     if not isinstance(name, str) or not name or "[" in name or "]" in name:
-        raise ValueError(f"extend_optimizer: name must be a plain key such as 'gradient_norm_threshold', got {name!r}")
+        raise ValueError(
+            "extend_optimizer: name must be a plain key such as 'gradient_norm_threshold', got "
+            f"{name!r}"
+        )
     if name == "params":
-        raise ValueError("extend_optimizer: name='params' is the optimizer's parameter list and cannot be extended")
+        raise ValueError(
+            "extend_optimizer: name='params' is the optimizer's parameter list and cannot be "
+            "extended"
+        )
     for group in optimizer.param_groups:
         if overwrite_values or name not in group:
             group[name] = default_value

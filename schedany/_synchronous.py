@@ -71,7 +71,8 @@ class SynchronousSchedule(LRScheduler):
             target = bound_target(schedule) or _RAW_LR
             if target.name in members:
                 raise ValueError(
-                    f"two schedules drive {target.name!r} (schedules[{list(members).index(target.name)}] "
+                    f"two schedules drive {target.name!r} "
+                    f"(schedules[{list(members).index(target.name)}] "
                     f"and schedules[{i}]); give each name one schedule"
                 )
             members[target.name] = schedule
@@ -131,7 +132,10 @@ class SynchronousSchedule(LRScheduler):
         key in the optimizer is rewritten to the value it had when saved."""
         for field in ("last_epoch", "schedules"):
             if field not in state_dict:
-                raise KeyError(f"SynchronousSchedule state_dict has no {field!r} entry (got {sorted(state_dict)})")
+                raise KeyError(
+                    f"SynchronousSchedule state_dict has no {field!r} entry (got "
+                    f"{sorted(state_dict)})"
+                )
         saved = state_dict["schedules"]
         missing = [name for name in self._schedules if name not in saved]
         unknown = [name for name in saved if name not in self._schedules]
@@ -181,7 +185,9 @@ class SynchronousSchedule(LRScheduler):
         try:
             return self._schedules[name]
         except KeyError:
-            raise KeyError(f"no schedule named {name!r}; this schedule has {self.schedule_names}") from None
+            raise KeyError(
+                f"no schedule named {name!r}; this schedule has {self.schedule_names}"
+            ) from None
 
     def _member_state(self, name: str) -> dict[str, Any]:
         schedule = self._schedules[name]

@@ -31,7 +31,9 @@ def _positive_int(text: str) -> int:
     try:
         return check_integer(value, "N", min=1)
     except ArgumentError as error:
-        raise argparse.ArgumentTypeError(f"expected {error.expected}, got {error.value!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected {error.expected}, got {error.value!r}"
+        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,10 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def overrides(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--set", dest="overrides", action="append", default=[],
-                       metavar="KEY=VALUE",
-                       help="override one config field, e.g. --set train.steps=100 "
-                            "(VALUE is parsed as YAML); repeatable")
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override one config field, e.g. --set train.steps=100 "
+            "(VALUE is parsed as YAML); repeatable",
+        )
 
     p = sub.add_parser("train", help="run the reference training job (distributed under torchrun)")
     p.add_argument("config", metavar="CONFIG", help="train config (YAML)")
@@ -56,8 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("preview", help="compute every scheduled value without training")
     p.add_argument("config", metavar="CONFIG", help="train config (YAML)")
     p.add_argument("-o", "--output", metavar="FILE.png", help="plot to this file")
-    p.add_argument("--steps", type=_positive_int, metavar="N",
-                   help="optimizer steps to preview (default: train.steps)")
+    p.add_argument(
+        "--steps",
+        type=_positive_int,
+        metavar="N",
+        help="optimizer steps to preview (default: train.steps)",
+    )
     p.add_argument("--tensorboard", metavar="DIR", help="also write the curves to TensorBoard")
     overrides(p)
     p.set_defaults(func=_preview)
@@ -65,8 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="Ray Tune sweep over schedule hyperparameters")
     p.add_argument("sweep", metavar="SWEEP", help="sweep file (YAML: base, search, tune)")
     p.add_argument("--address", metavar="ADDR", help="Ray cluster address (default: local)")
-    p.add_argument("--num-samples", type=_positive_int, metavar="N",
-                   help="trials to run (overrides tune.num_samples)")
+    p.add_argument(
+        "--num-samples",
+        type=_positive_int,
+        metavar="N",
+        help="trials to run (overrides tune.num_samples)",
+    )
     p.set_defaults(func=_tune)
 
     p = sub.add_parser("validate", help="check a config and print the resolved schedule")
@@ -129,20 +144,26 @@ def _validate(args: argparse.Namespace) -> int:
     if control.kind == "none":
         print("control    none (one micro-batch per rank per optimizer step)")
     else:
-        limit = (f", at most {control.max_accumulation_steps} micro-steps"
-                 if control.max_accumulation_steps else "")
+        limit = (
+            f", at most {control.max_accumulation_steps} micro-steps"
+            if control.max_accumulation_steps
+            else ""
+        )
         print(f"control    {control.kind} on {config.control_key()!r} ({control.items}{limit})")
     t = config.train
-    print(f"train      {steps} optimizer steps, micro-batch {t.micro_batch_size}, strategy "
-          f"{config.distributed.strategy}, checkpoints "
-          f"{t.checkpoint_dir or 'off'}, logs {t.log_dir or 'off'}")
+    print(
+        f"train      {steps} optimizer steps, micro-batch {t.micro_batch_size}, strategy "
+        f"{config.distributed.strategy}, checkpoints "
+        f"{t.checkpoint_dir or 'off'}, logs {t.log_dir or 'off'}"
+    )
     print("schedules")
     for name, spec in config.schedules.items():
         print(f"  {name}: {spec.kind} {spec.name}({_kwargs(spec.args)})")
     header = ["key", "group"] + [f"step {m}" for m in marks]
     rows = [
         [name, label] + [f"{values[name][m - 1][g]:.6g}" for m in marks]
-        for name in values for g, label in enumerate(labels)
+        for name in values
+        for g, label in enumerate(labels)
     ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     print("  value used by each optimizer step:")

@@ -5,11 +5,11 @@ caller that needs other words (the config names a dotted path, not an argument) 
 the fields instead of parsing the text:
 
 >>> try:
-...     check_integer(-5, "num_warmup_steps", min=0, func="cosine_annealing_with_warmup")
+...     check_integer(-5, "num_warmup_steps", min=0, func="constant_with_warmup")
 ... except ArgumentError as error:
 ...     print(error)
 ...     print(error.argument, error.value, error.expected)
-cosine_annealing_with_warmup requires num_warmup_steps to be an integer >= 0, got num_warmup_steps=-5
+constant_with_warmup requires num_warmup_steps to be an integer >= 0, got num_warmup_steps=-5
 num_warmup_steps -5 an integer >= 0
 
 Every error here is also a ``ValueError``, ``TypeError`` or ``KeyError``, so code that

@@ -49,11 +49,15 @@ class ScheduleTrace(NamedTuple):
         return len(next(iter(self.values.values()), []))
 
 
-def trace(config: TrainConfig, steps: int | None = None, *, tensorboard: str | None = None) -> ScheduleTrace:
+def trace(
+    config: TrainConfig, steps: int | None = None, *, tensorboard: str | None = None
+) -> ScheduleTrace:
     """Step the config's schedule ``steps`` times (default ``train.steps``) on a
     throwaway optimizer and record each step's values; optionally write them to
     TensorBoard under ``tensorboard`` with the tags a real run uses."""
-    steps = config.train.steps if steps is None else check_integer(steps, "steps", min=1, func="trace")
+    steps = (
+        config.train.steps if steps is None else check_integer(steps, "steps", min=1, func="trace")
+    )
     optimizer, schedule = build_run(config)
     tags = schedule_tags(schedule)
     logger = None
@@ -147,13 +151,16 @@ def preview_command(
     if output is not None:
         formats = _image_formats()
         if formats is None:
-            print("schedany preview: error: -o needs matplotlib: pip install 'schedany[plot]'",
-                  file=sys.stderr)
+            print(
+                "schedany preview: error: -o needs matplotlib: pip install 'schedany[plot]'",
+                file=sys.stderr,
+            )
             return 1
         if Path(output).suffix.lower().lstrip(".") not in formats:
             raise ConfigError(
-                "--output", f"expected a file ending in .png (or .{', .'.join(sorted(formats))}), "
-                f"got {output!r}"
+                "--output",
+                f"expected a file ending in .png (or .{', .'.join(sorted(formats))}), "
+                f"got {output!r}",
             )
     result = trace(config, steps, tensorboard=tensorboard)
     where = f"{config_path}: {result.steps} optimizer steps"

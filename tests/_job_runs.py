@@ -18,10 +18,19 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "configs"
 GNTS = str(EXAMPLES / "gnts.yaml")
 STEPS = 8
 TINY = [
-    "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.seq_len=32",
-    "data.max_bytes=200000", "data.eval_windows=8", "data.eval_batch_size=8",
-    "train.micro_batch_size=4", f"train.steps={STEPS}", "train.checkpoint_every=2",
-    "train.log_every=2", "train.eval_every=0", "train.progress=lines",
+    "model.d_model=32",
+    "model.n_layers=1",
+    "model.n_heads=2",
+    "model.seq_len=32",
+    "data.max_bytes=200000",
+    "data.eval_windows=8",
+    "data.eval_batch_size=8",
+    "train.micro_batch_size=4",
+    f"train.steps={STEPS}",
+    "train.checkpoint_every=2",
+    "train.log_every=2",
+    "train.eval_every=0",
+    "train.progress=lines",
     # GNTS reaches its threshold inside the run, so accumulation really varies.
     "schedules.gradient_norm_threshold.num_warmup_steps=2",
     f"schedules.gradient_norm_threshold.num_training_steps={STEPS}",
@@ -38,13 +47,20 @@ def run_args(run: Path, *more: str) -> list[str]:
     return sets([f"train.log_dir={run / 'logs'}", f"train.checkpoint_dir={run / 'ckpt'}", *more])
 
 
-def launch(argv: list[str], env: dict[str, str] | None = None, torchrun: list[str] | None = None
-           ) -> subprocess.Popen[str]:
-    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", *torchrun] \
-        if torchrun is not None else [sys.executable]
+def launch(
+    argv: list[str], env: dict[str, str] | None = None, torchrun: list[str] | None = None
+) -> subprocess.Popen[str]:
+    prefix = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", *torchrun]
+        if torchrun is not None
+        else [sys.executable]
+    )
     return subprocess.Popen(
-        [*prefix, "-m", "schedany", *argv], text=True, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        [*prefix, "-m", "schedany", *argv],
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
     )
 
 
@@ -86,8 +102,11 @@ def ok(proc: subprocess.Popen[str]) -> str:
 
 
 def fault(run: Path, step: int, rank: int = 0) -> dict[str, str]:
-    return {"SCHEDANY_FAULT_AT_STEP": str(step), "SCHEDANY_FAULT_RANK": str(rank),
-            "SCHEDANY_FAULT_MARKER": str(run / "fault.marker")}
+    return {
+        "SCHEDANY_FAULT_AT_STEP": str(step),
+        "SCHEDANY_FAULT_RANK": str(rank),
+        "SCHEDANY_FAULT_MARKER": str(run / "fault.marker"),
+    }
 
 
 def records(run: Path) -> list[dict]:

@@ -31,11 +31,26 @@ FACTORIES = {
     "ExponentialLR": lambda o: lrs.ExponentialLR(o, gamma=0.99),
     "PolynomialLR": lambda o: lrs.PolynomialLR(o, total_iters=250, power=1.5),
     "CosineAnnealingLR": lambda o: lrs.CosineAnnealingLR(o, T_max=70, eta_min=0.001),
-    "CosineAnnealingWarmRestarts": lambda o: lrs.CosineAnnealingWarmRestarts(o, T_0=20, T_mult=2, eta_min=0.0001),
-    "CyclicLR": lambda o: lrs.CyclicLR(o, base_lr=[0.01, 0.02, 0.03], max_lr=[0.5, 0.6, 0.7], step_size_up=13, mode="triangular2", cycle_momentum=False),
-    "OneCycleLR": lambda o: lrs.OneCycleLR(o, max_lr=[0.5, 0.2, 0.9], total_steps=STEPS + 1, cycle_momentum=False),
-    "SequentialLR": lambda o: lrs.SequentialLR(o, [lrs.LinearLR(o, 0.2, total_iters=10), lrs.ExponentialLR(o, 0.98)], milestones=[10]),
-    "ChainedScheduler": lambda o: lrs.ChainedScheduler([lrs.ConstantLR(o, 0.5, total_iters=15), lrs.ExponentialLR(o, 0.99)]),
+    "CosineAnnealingWarmRestarts": lambda o: lrs.CosineAnnealingWarmRestarts(
+        o, T_0=20, T_mult=2, eta_min=0.0001
+    ),
+    "CyclicLR": lambda o: lrs.CyclicLR(
+        o,
+        base_lr=[0.01, 0.02, 0.03],
+        max_lr=[0.5, 0.6, 0.7],
+        step_size_up=13,
+        mode="triangular2",
+        cycle_momentum=False,
+    ),
+    "OneCycleLR": lambda o: lrs.OneCycleLR(
+        o, max_lr=[0.5, 0.2, 0.9], total_steps=STEPS + 1, cycle_momentum=False
+    ),
+    "SequentialLR": lambda o: lrs.SequentialLR(
+        o, [lrs.LinearLR(o, 0.2, total_iters=10), lrs.ExponentialLR(o, 0.98)], milestones=[10]
+    ),
+    "ChainedScheduler": lambda o: lrs.ChainedScheduler(
+        [lrs.ConstantLR(o, 0.5, total_iters=15), lrs.ExponentialLR(o, 0.99)]
+    ),
     "ReduceLROnPlateau": lambda o: lrs.ReduceLROnPlateau(o, factor=0.5, patience=3),
 }
 
@@ -49,10 +64,7 @@ TARGETS = {
 
 
 def test_every_scheduler_class_is_covered():
-    stock = {
-        name for name in lrs.__all__
-        if name not in {"LRScheduler", "_LRScheduler"}
-    }
+    stock = {name for name in lrs.__all__ if name not in {"LRScheduler", "_LRScheduler"}}
     assert stock <= set(FACTORIES), f"not covered: {stock - set(FACTORIES)}"
 
 
@@ -112,12 +124,22 @@ def test_user_param_groups_hold_only_user_keys():
     params = _params()
     optimizer = Adam([{"params": [p], "lr": b} for p, b in zip(params, BASES)])
     user_keys = {frozenset(g) for g in optimizer.state_dict()["param_groups"]}
-    schedules = schedany.SynchronousSchedule([
-        schedany.arbitrary_schedule_factory(optimizer, FACTORIES["OneCycleLR"], schedule_target="lr"),
-        schedany.cosine_annealing_with_warmup(optimizer, 1.0, 0.1, 3, 20, schedule_target="betas[0]"),
-        schedany.arbitrary_schedule_factory(optimizer, FACTORIES["CyclicLR"], schedule_target="weight_decay"),
-        schedany.linear_schedule_with_warmup(optimizer, 1.0, 0.0, 2, 20, schedule_target="clip", default_value=1.0),
-    ])
+    schedules = schedany.SynchronousSchedule(
+        [
+            schedany.arbitrary_schedule_factory(
+                optimizer, FACTORIES["OneCycleLR"], schedule_target="lr"
+            ),
+            schedany.cosine_annealing_with_warmup(
+                optimizer, 1.0, 0.1, 3, 20, schedule_target="betas[0]"
+            ),
+            schedany.arbitrary_schedule_factory(
+                optimizer, FACTORIES["CyclicLR"], schedule_target="weight_decay"
+            ),
+            schedany.linear_schedule_with_warmup(
+                optimizer, 1.0, 0.0, 2, 20, schedule_target="clip", default_value=1.0
+            ),
+        ]
+    )
     for _ in range(10):
         optimizer.step()
         schedules.step()
@@ -143,18 +165,24 @@ def test_raw_scheduler_and_bound_schedule_on_lr_do_not_collide():
         bound.step()
         assert [g["lr"] for g in optimizer.param_groups] == expected_raw[t + 1]
         expected_scale = [2.0 * 0.1 ** ((t + 1) // 3)] * 3
-        assert [g["lr_scale"] for g in optimizer.param_groups] == pytest.approx(expected_scale, rel=1e-12)
+        assert [g["lr_scale"] for g in optimizer.param_groups] == pytest.approx(
+            expected_scale, rel=1e-12
+        )
     assert [g["initial_lr"] for g in optimizer.param_groups] == BASES  # raw's own, untouched
     assert bound.base_lrs == [2.0] * 3
 
 
 def test_correct_order_emits_no_step_order_warning(recwarn):
     optimizer = AdamW([torch.nn.Parameter(torch.zeros(1))])
-    schedule = schedany.SynchronousSchedule([
-        schedany.cosine_annealing_with_warmup(optimizer, 1.0, 0.1, 2, 10),
-        schedany.cosine_annealing_with_warmup(optimizer, 1.0, 0.1, 2, 10, schedule_target="weight_decay"),
-        schedany.constant_schedule(optimizer, 0.5, schedule_target="betas[0]"),
-    ])
+    schedule = schedany.SynchronousSchedule(
+        [
+            schedany.cosine_annealing_with_warmup(optimizer, 1.0, 0.1, 2, 10),
+            schedany.cosine_annealing_with_warmup(
+                optimizer, 1.0, 0.1, 2, 10, schedule_target="weight_decay"
+            ),
+            schedany.constant_schedule(optimizer, 0.5, schedule_target="betas[0]"),
+        ]
+    )
     for _ in range(3):
         optimizer.step()
         schedule.step()
@@ -163,7 +191,9 @@ def test_correct_order_emits_no_step_order_warning(recwarn):
 
 def test_wrong_order_still_warns_like_torch():
     optimizer = AdamW([torch.nn.Parameter(torch.zeros(1))])
-    schedule = schedany.linear_schedule_with_warmup(optimizer, 1.0, 0.0, 2, 10, schedule_target="weight_decay")
+    schedule = schedany.linear_schedule_with_warmup(
+        optimizer, 1.0, 0.0, 2, 10, schedule_target="weight_decay"
+    )
     with pytest.warns(UserWarning, match="before `optimizer.step\\(\\)`"):
         schedule.step()
 
@@ -181,13 +211,17 @@ def test_tensor_lr_is_filled_in_place():
 def test_two_chainable_schedules_on_one_key_compose_like_on_lr():
     """Two separately bound schedules on one key see each other's writes, as two torch
     schedulers on lr do (each re-reads the target after every optimizer step)."""
+
     def run(target: str) -> list[float]:
         optimizer = SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.8, momentum=0.8)
         factories = [lambda o: lrs.StepLR(o, 3, 0.5), lambda o: lrs.ExponentialLR(o, 0.9)]
         if target == "lr":
             schedules = [f(optimizer) for f in factories]
         else:
-            schedules = [schedany.arbitrary_schedule_factory(optimizer, f, schedule_target=target) for f in factories]
+            schedules = [
+                schedany.arbitrary_schedule_factory(optimizer, f, schedule_target=target)
+                for f in factories
+            ]
         values = []
         for _ in range(12):
             optimizer.step()
@@ -202,11 +236,14 @@ def test_two_chainable_schedules_on_one_key_compose_like_on_lr():
 def test_bound_schedule_follows_optimizer_load_state_dict():
     """After optimizer.load_state_dict replaces the groups, a chainable bound schedule
     continues from the loaded value, exactly like a torch scheduler on lr."""
+
     def run(target: str) -> list[float]:
         optimizer = SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.8, momentum=0.8)
         factory = lambda o: lrs.ExponentialLR(o, 0.5)  # noqa: E731
-        schedule = factory(optimizer) if target == "lr" else schedany.arbitrary_schedule_factory(
-            optimizer, factory, schedule_target=target
+        schedule = (
+            factory(optimizer)
+            if target == "lr"
+            else schedany.arbitrary_schedule_factory(optimizer, factory, schedule_target=target)
         )
         state = optimizer.state_dict()
         state["param_groups"][0][target] = 0.25

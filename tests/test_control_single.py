@@ -99,7 +99,9 @@ def test_logical_batch_size_takes_the_paper_loops_decisions_and_grads() -> None:
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.5)
     schedule = paper_logical_batch_schedule(optimizer)
-    ctl = LogicalBatchSize(model, optimizer, "logical_batch_size_target", micro_batch_size=BATCH_SIZE)
+    ctl = LogicalBatchSize(
+        model, optimizer, "logical_batch_size_target", micro_batch_size=BATCH_SIZE
+    )
     decisions, grads = [], []
     for x, y in data:
         with ctl.accumulate():
@@ -292,8 +294,13 @@ def test_target_is_read_when_the_logical_batch_starts() -> None:
 
 def test_max_over_param_groups_is_the_target() -> None:
     a, b = nn.Linear(2, 1).to(F64), nn.Linear(2, 1).to(F64)
-    opt = torch.optim.SGD([{"params": a.parameters(), "logical_batch_size": 4},
-                           {"params": b.parameters(), "logical_batch_size": 8}], lr=0.1)
+    opt = torch.optim.SGD(
+        [
+            {"params": a.parameters(), "logical_batch_size": 4},
+            {"params": b.parameters(), "logical_batch_size": 8},
+        ],
+        lr=0.1,
+    )
     model = nn.ModuleList([a, b])
     ctl = LogicalBatchSize(model, opt, micro_batch_size=4)
     with ctl.accumulate():
@@ -310,11 +317,14 @@ def test_grad_norm_spans_parameters_of_mixed_dtypes() -> None:
     x = torch.randn(4, 3, dtype=F64)
     with ctl.accumulate():
         (model[0](x).sum() + model[2](model[1](x.float()).double()).sum()).backward()
-    want = torch.linalg.vector_norm(torch.stack([p.grad.double().norm() for p in model.parameters()]))
+    want = torch.linalg.vector_norm(
+        torch.stack([p.grad.double().norm() for p in model.parameters()])
+    )
     assert ctl.metrics()["grad_norm"] == pytest.approx(want.item(), rel=1e-6)
 
 
 # --- non-finite gradients --------------------------------------------------------------
+
 
 @pytest.mark.parametrize("controller", ["logical_batch", "gnts"])
 def test_nonfinite_gradients_drop_the_logical_batch(controller: str) -> None:
@@ -350,6 +360,7 @@ def test_nonfinite_gradients_drop_the_logical_batch(controller: str) -> None:
 
 # --- resume --------------------------------------------------------------------------
 
+
 def run_lbs(model, opt, ctl, start_micro: int, steps: int, save_at: int | None = None) -> tuple:
     j, saved = start_micro, None
     while ctl.metrics()["optimizer_steps"] < steps:
@@ -362,8 +373,14 @@ def run_lbs(model, opt, ctl, start_micro: int, steps: int, save_at: int | None =
             opt.zero_grad()
             opt.param_groups[0]["logical_batch_size"] += 3  # a schedule, by hand
             if ctl.metrics()["optimizer_steps"] == save_at:
-                saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(),
-                                       "ctl": ctl.state_dict(), "j": j})
+                saved = copy.deepcopy(
+                    {
+                        "model": model.state_dict(),
+                        "opt": opt.state_dict(),
+                        "ctl": ctl.state_dict(),
+                        "j": j,
+                    }
+                )
     return j, saved
 
 
@@ -386,6 +403,7 @@ def test_resume_from_state_dict_equals_the_uninterrupted_run() -> None:
 
 # --- misuse ----------------------------------------------------------------------------
 
+
 def test_bad_arguments_raise_clear_errors() -> None:
     model = make_model()
     opt = sgd_with(model, "logical_batch_size", 8)
@@ -393,21 +411,39 @@ def test_bad_arguments_raise_clear_errors() -> None:
         LogicalBatchSize("model", opt)
     with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer.*got dict"):
         LogicalBatchSize(model, {})
-    with pytest.raises(KeyError, match=r"key='logical_batch_sise' is in no optimizer param group "
-                                       r"\(keys: .*'logical_batch_size'.*did you mean 'logical_batch_size'"):
+    with pytest.raises(
+        KeyError,
+        match=r"key='logical_batch_sise' is in no optimizer param group "
+        r"\(keys: .*'logical_batch_size'.*did you mean 'logical_batch_size'",
+    ):
         LogicalBatchSize(model, opt, key="logical_batch_sise")
     with pytest.raises(KeyError, match="extend_optimizer"):
         GradientNormThreshold(model, opt)
-    with pytest.raises(ValueError, match="requires micro_batch_size to be an integer >= 1, got micro_batch_size=0"):
+    with pytest.raises(
+        ValueError, match="requires micro_batch_size to be an integer >= 1, got micro_batch_size=0"
+    ):
         LogicalBatchSize(model, opt, micro_batch_size=0)
-    with pytest.raises(TypeError, match="requires micro_batch_size to be an integer >= 1, got micro_batch_size='4'"):
+    with pytest.raises(
+        TypeError, match="requires micro_batch_size to be an integer >= 1, got micro_batch_size='4'"
+    ):
         LogicalBatchSize(model, opt, micro_batch_size="4")
-    with pytest.raises(TypeError, match="requires micro_batch_size to be an integer >= 1, got micro_batch_size=True"):
+    with pytest.raises(
+        TypeError,
+        match="requires micro_batch_size to be an integer >= 1, got micro_batch_size=True",
+    ):
         LogicalBatchSize(model, opt, micro_batch_size=True)
     opt.param_groups[0]["gradient_norm_threshold"] = 1.0
-    with pytest.raises(ValueError, match="requires max_accumulation_steps to be an integer >= 1, got max_accumulation_steps=0"):
+    with pytest.raises(
+        ValueError,
+        match="requires max_accumulation_steps to be an integer >= 1, got max_accumulation_steps=0",
+    ):
         GradientNormThreshold(model, opt, max_accumulation_steps=0)
-    with pytest.raises(TypeError, match="requires max_accumulation_steps to be an integer >= 1, got max_accumulation_steps=2.5"):
+    with pytest.raises(
+        TypeError,
+        match=(
+            "requires max_accumulation_steps to be an integer >= 1, got max_accumulation_steps=2.5"
+        ),
+    ):
         GradientNormThreshold(model, opt, max_accumulation_steps=2.5)
     with pytest.raises(ValueError, match="process_group=.* plain Sequential"):
         LogicalBatchSize(model, opt, process_group=object())
@@ -421,10 +457,14 @@ def test_misuse_of_accumulate_raises_clear_errors() -> None:
     with pytest.raises(ValueError, match=r"accumulate\(num_items=None\) needs micro_batch_size"):
         with ctl.accumulate():
             pass
-    with pytest.raises(ValueError, match="accumulate requires num_items to be an integer >= 0, got num_items=-1"):
+    with pytest.raises(
+        ValueError, match="accumulate requires num_items to be an integer >= 0, got num_items=-1"
+    ):
         with ctl.accumulate(num_items=-1):
             pass
-    with pytest.raises(TypeError, match="accumulate requires num_items to be an integer >= 0, got num_items=2.5"):
+    with pytest.raises(
+        TypeError, match="accumulate requires num_items to be an integer >= 0, got num_items=2.5"
+    ):
         with ctl.accumulate(num_items=2.5):
             pass
 
@@ -434,7 +474,9 @@ def test_misuse_of_accumulate_raises_clear_errors() -> None:
     with pytest.raises(ValueError, match="has run with num_items so far"):
         with ctl.accumulate():
             pass
-    with pytest.raises(RuntimeError, match=r"state_dict\(\) called in the middle of a logical batch"):
+    with pytest.raises(
+        RuntimeError, match=r"state_dict\(\) called in the middle of a logical batch"
+    ):
         ctl.state_dict()
     with pytest.raises(RuntimeError, match="cannot be nested"):
         with ctl.accumulate(num_items=4), ctl.accumulate(num_items=4):
@@ -445,7 +487,10 @@ def test_misuse_of_accumulate_raises_clear_errors() -> None:
         with LogicalBatchSize(model, opt, micro_batch_size=4).accumulate():
             pass
     opt.param_groups[0]["logical_batch_size"] = "big"
-    with pytest.raises(TypeError, match=r"param_groups\[0\]\['logical_batch_size'\] must be a real number, got 'big'"):
+    with pytest.raises(
+        TypeError,
+        match=r"param_groups\[0\]\['logical_batch_size'\] must be a real number, got 'big'",
+    ):
         LogicalBatchSize(model, opt, micro_batch_size=4)
 
 
@@ -467,11 +512,21 @@ def test_state_dict_is_strict() -> None:
     opt = sgd_with(model, "logical_batch_size", 8)
     opt.param_groups[0]["gradient_norm_threshold"] = 1.0
     sd = LogicalBatchSize(model, opt).state_dict()
-    assert sd == {"controller": "LogicalBatchSize", "mode": None, "optimizer_steps": 0,
-                  "dropped_batches": 0}
+    assert sd == {
+        "controller": "LogicalBatchSize",
+        "mode": None,
+        "optimizer_steps": 0,
+        "dropped_batches": 0,
+    }
     with pytest.raises(KeyError, match=r"missing keys \['mode'\], unknown keys \['extra'\]"):
         LogicalBatchSize(model, opt).load_state_dict(
-            {"controller": "LogicalBatchSize", "optimizer_steps": 0, "dropped_batches": 0, "extra": 1})
+            {
+                "controller": "LogicalBatchSize",
+                "optimizer_steps": 0,
+                "dropped_batches": 0,
+                "extra": 1,
+            }
+        )
     with pytest.raises(ValueError, match="saved by 'LogicalBatchSize'"):
         GradientNormThreshold(model, opt).load_state_dict(sd)
 
@@ -481,9 +536,20 @@ def test_metrics_name_what_the_spec_promises() -> None:
     opt = sgd_with(model, "logical_batch_size", 8)
     opt.param_groups[0]["gradient_norm_threshold"] = 1.0
     assert set(LogicalBatchSize(model, opt).metrics()) == {
-        "target", "micro_steps", "items", "optimizer_steps", "dropped_batches"}
+        "target",
+        "micro_steps",
+        "items",
+        "optimizer_steps",
+        "dropped_batches",
+    }
     assert set(GradientNormThreshold(model, opt).metrics()) == {
-        "grad_norm", "threshold", "micro_steps", "items", "optimizer_steps", "dropped_batches"}
+        "grad_norm",
+        "threshold",
+        "micro_steps",
+        "items",
+        "optimizer_steps",
+        "dropped_batches",
+    }
     assert all(isinstance(v, float) for v in GradientNormThreshold(model, opt).metrics().values())
 
 

@@ -36,13 +36,20 @@ class Case:
 
 def _anneal(W: float, A: float, anneal: str, warmup: str, **extra: float) -> dict[str, Any]:
     return dict(
-        warmup_to_value=W, anneal_to_value=A, num_warmup_steps=L, num_training_steps=M,
-        anneal=anneal, warmup=warmup, **extra,
+        warmup_to_value=W,
+        anneal_to_value=A,
+        num_warmup_steps=L,
+        num_training_steps=M,
+        anneal=anneal,
+        warmup=warmup,
+        **extra,
     )
 
 
 def _builtin_args(W: float, A: float, **extra: float) -> dict[str, Any]:
-    return dict(warmup_to_value=W, anneal_to_value=A, num_warmup_steps=L, num_training_steps=M, **extra)
+    return dict(
+        warmup_to_value=W, anneal_to_value=A, num_warmup_steps=L, num_training_steps=M, **extra
+    )
 
 
 # t =                       0      1      L-1    L     L+1  (L+M)/2  M-1     M     M+1   2M
@@ -65,7 +72,9 @@ CASES: dict[str, Case] = {
     # P and R left at their defaults (2.0 and 20.0), so the defaults are pinned too.
     "polynomial_schedule_with_inverse_warmup": Case(
         _builtin_args(0.5, 0.02),
-        _anneal(0.5, 0.02, "polynomial", "inverse", polynomial_exponent=2.0, warmup_multiplier=20.0),
+        _anneal(
+            0.5, 0.02, "polynomial", "inverse", polynomial_exponent=2.0, warmup_multiplier=20.0
+        ),
         (10.0, 9.05, 1.45, 0.5, 0.490448, 0.14, 0.020048, 0.02, 0.02, 0.02),
     ),
     "linear_schedule_with_warmup": Case(
@@ -86,7 +95,9 @@ CASES: dict[str, Case] = {
     ),
     "quadratic_schedule_with_inverse_warmup": Case(
         _builtin_args(0.75, 0.125),
-        _anneal(0.75, 0.125, "polynomial", "inverse", polynomial_exponent=2.0, warmup_multiplier=20.0),
+        _anneal(
+            0.75, 0.125, "polynomial", "inverse", polynomial_exponent=2.0, warmup_multiplier=20.0
+        ),
         (15.0, 13.575, 2.175, 0.75, 0.7375625, 0.28125, 0.1250625, 0.125, 0.125, 0.125),
     ),
     "sqrt_schedule_with_warmup": Case(
@@ -96,25 +107,57 @@ CASES: dict[str, Case] = {
     ),
     "sqrt_schedule_with_inverse_warmup": Case(
         _builtin_args(0.65, 0.07, warmup_multiplier=2.5),
-        _anneal(0.65, 0.07, "polynomial", "inverse", polynomial_exponent=0.5, warmup_multiplier=2.5),
-        (1.625, 1.5275, 0.7475, 0.65, 0.64709271352183957, 0.48012193308819756, 0.128, 0.07, 0.07, 0.07),
+        _anneal(
+            0.65, 0.07, "polynomial", "inverse", polynomial_exponent=0.5, warmup_multiplier=2.5
+        ),
+        (
+            1.625,
+            1.5275,
+            0.7475,
+            0.65,
+            0.64709271352183957,
+            0.48012193308819756,
+            0.128,
+            0.07,
+            0.07,
+            0.07,
+        ),
     ),
     "constant_with_warmup": Case(
         dict(warmup_to_value=0.85, num_warmup_steps=L),
-        dict(warmup_to_value=0.85, anneal_to_value=0.0, num_warmup_steps=L, num_training_steps=0,
-             anneal="constant", warmup="normal"),
+        dict(
+            warmup_to_value=0.85,
+            anneal_to_value=0.0,
+            num_warmup_steps=L,
+            num_training_steps=0,
+            anneal="constant",
+            warmup="normal",
+        ),
         (0.0, 0.085, 0.765, 0.85, 0.85, 0.85, 0.85, 0.85, 0.85, 0.85),
     ),
     "constant_with_inverse_warmup": Case(
         dict(warmup_to_value=0.45, num_warmup_steps=L, warmup_multiplier=3.0),
-        dict(warmup_to_value=0.45, anneal_to_value=0.0, num_warmup_steps=L, num_training_steps=0,
-             anneal="constant", warmup="inverse", warmup_multiplier=3.0),
+        dict(
+            warmup_to_value=0.45,
+            anneal_to_value=0.0,
+            num_warmup_steps=L,
+            num_training_steps=0,
+            anneal="constant",
+            warmup="inverse",
+            warmup_multiplier=3.0,
+        ),
         (1.35, 1.26, 0.54, 0.45, 0.45, 0.45, 0.45, 0.45, 0.45, 0.45),
     ),
     "warmup_to_constant": Case(
         dict(warmup_to_value=0.55, num_warmup_steps=L),
-        dict(warmup_to_value=0.55, anneal_to_value=0.0, num_warmup_steps=L, num_training_steps=0,
-             anneal="constant", warmup="normal"),
+        dict(
+            warmup_to_value=0.55,
+            anneal_to_value=0.0,
+            num_warmup_steps=L,
+            num_training_steps=0,
+            anneal="constant",
+            warmup="normal",
+        ),
         (0.0, 0.055, 0.495, 0.55, 0.55, 0.55, 0.55, 0.55, 0.55, 0.55),
     ),
     "constant_schedule": Case(dict(value=0.35), dict(value=0.35), (0.35,) * len(TS)),
@@ -161,10 +204,12 @@ BETA2 = (0.999, 0.98)
 
 
 def _optimizer() -> torch.optim.AdamW:
-    return torch.optim.AdamW([
-        {"params": [torch.nn.Parameter(torch.zeros(2))], "weight_decay": wd, "betas": (b1, b2)}
-        for wd, b1, b2 in zip(INITIAL_WD, INITIAL_BETA1, BETA2)
-    ])
+    return torch.optim.AdamW(
+        [
+            {"params": [torch.nn.Parameter(torch.zeros(2))], "weight_decay": wd, "betas": (b1, b2)}
+            for wd, b1, b2 in zip(INITIAL_WD, INITIAL_BETA1, BETA2)
+        ]
+    )
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -182,9 +227,11 @@ def test_bound_schedule_matches_table(name: str):
             lam = expected[t]
             groups = optimizer.param_groups
             assert [g["weight_decay"] for g in groups] == pytest.approx(
-                [v * lam for v in INITIAL_WD], rel=0, abs=TOL), f"weight_decay at t={t}"
+                [v * lam for v in INITIAL_WD], rel=0, abs=TOL
+            ), f"weight_decay at t={t}"
             assert [g["betas"][0] for g in groups] == pytest.approx(
-                [v * lam for v in INITIAL_BETA1], rel=0, abs=TOL), f"betas[0] at t={t}"
+                [v * lam for v in INITIAL_BETA1], rel=0, abs=TOL
+            ), f"betas[0] at t={t}"
             assert [g["betas"][1] for g in groups] == list(BETA2)  # the other element untouched
             assert all(type(g["betas"]) is tuple for g in groups)
             assert on_wd.get_last_lr() == [g["weight_decay"] for g in groups]
@@ -199,18 +246,26 @@ def test_warmup_to_constant_is_constant_with_warmup():
 
 def test_equal_warmup_and_training_steps_jumps_straight_to_A():
     """p = 1 when M = L: no anneal phase, λ(L) = A."""
-    curve = warmup_anneal_curve(warmup_to_value=0.8, anneal_to_value=0.1,
-                                num_warmup_steps=4, num_training_steps=4)
-    assert [curve(t) for t in range(7)] == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.1, 0.1, 0.1],
-                                                         rel=0, abs=TOL)
+    curve = warmup_anneal_curve(
+        warmup_to_value=0.8, anneal_to_value=0.1, num_warmup_steps=4, num_training_steps=4
+    )
+    assert [curve(t) for t in range(7)] == pytest.approx(
+        [0.0, 0.2, 0.4, 0.6, 0.1, 0.1, 0.1], rel=0, abs=TOL
+    )
 
 
 def test_no_warmup_starts_at_W():
-    curve = warmup_anneal_curve(warmup_to_value=0.8, anneal_to_value=0.2,
-                                num_warmup_steps=0, num_training_steps=4, anneal="polynomial",
-                                polynomial_exponent=1.0)
-    assert [curve(t) for t in range(6)] == pytest.approx([0.8, 0.65, 0.5, 0.35, 0.2, 0.2],
-                                                         rel=0, abs=TOL)
+    curve = warmup_anneal_curve(
+        warmup_to_value=0.8,
+        anneal_to_value=0.2,
+        num_warmup_steps=0,
+        num_training_steps=4,
+        anneal="polynomial",
+        polynomial_exponent=1.0,
+    )
+    assert [curve(t) for t in range(6)] == pytest.approx(
+        [0.8, 0.65, 0.5, 0.35, 0.2, 0.2], rel=0, abs=TOL
+    )
 
 
 # ---- properties -------------------------------------------------------------------
@@ -231,10 +286,14 @@ def curves(draw, warmup: str | None = None, min_warmup: int = 0, strict_anneal: 
     if M == 0:
         M = 1
     kwargs = dict(
-        warmup_to_value=draw(values), anneal_to_value=draw(values),
-        num_warmup_steps=L, num_training_steps=M, anneal=draw(annealing),
+        warmup_to_value=draw(values),
+        anneal_to_value=draw(values),
+        num_warmup_steps=L,
+        num_training_steps=M,
+        anneal=draw(annealing),
         warmup=warmup or draw(st.sampled_from(["normal", "inverse"])),
-        polynomial_exponent=draw(exponents), warmup_multiplier=draw(multipliers),
+        polynomial_exponent=draw(exponents),
+        warmup_multiplier=draw(multipliers),
     )
     return kwargs, warmup_anneal_curve(**kwargs)
 
@@ -301,6 +360,10 @@ def test_inverse_warmup_descends_from_R_times_W_to_W(drawn):
 def test_numpy_integer_step_counts_are_accepted():
     """Samplers (Ray Tune, numpy) hand out numpy integers; they are integers."""
     np = pytest.importorskip("numpy")
-    curve = warmup_anneal_curve(warmup_to_value=1.0, anneal_to_value=0.0,
-                                num_warmup_steps=np.int64(2), num_training_steps=np.int32(4))
+    curve = warmup_anneal_curve(
+        warmup_to_value=1.0,
+        anneal_to_value=0.0,
+        num_warmup_steps=np.int64(2),
+        num_training_steps=np.int32(4),
+    )
     assert [curve(t) for t in range(6)] == pytest.approx([0.0, 0.5, 1.0, 0.5, 0.0, 0.0])

@@ -41,7 +41,9 @@ def test_every_manifest_parses_and_has_its_kinds_fields():
         if "services" in doc:  # the compose file
             assert {"train", "tensorboard"} <= set(doc["services"]), where
             for port in doc["services"]["tensorboard"].get("ports", []):
-                assert str(port).startswith("127.0.0.1:"), f"{where}: TensorBoard must bind to localhost"
+                assert str(port).startswith("127.0.0.1:"), (
+                    f"{where}: TensorBoard must bind to localhost"
+                )
             continue
         for field in ("apiVersion", "kind", "metadata"):
             assert field in doc, f"{where}: {doc.get('kind')} has no {field}"
@@ -55,21 +57,30 @@ def _pod_templates(doc: dict) -> list[dict]:
         return [spec["template"] for spec in specs.values()]
     if doc["kind"] == "RayJob":
         cluster = doc["spec"]["rayClusterSpec"]
-        return [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+        return [cluster["headGroupSpec"]["template"]] + [
+            g["template"] for g in cluster["workerGroupSpecs"]
+        ]
     if doc["kind"] == "Deployment":
         return [doc["spec"]["template"]]
     return []
 
 
 def test_core_kinds_validate_against_kubernetes_schemas():
-    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="dev extra kubernetes-validate")
+    kubernetes_validate = pytest.importorskip(
+        "kubernetes_validate", reason="dev extra kubernetes-validate"
+    )
     checked = 0
     for _where, doc in manifests():
         if doc.get("apiVersion") in {"v1", "apps/v1"}:
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
             checked += 1
         for template in _pod_templates(doc) if "kind" in doc else []:
-            pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "check"}, "spec": template["spec"]}
+            pod = {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": "check"},
+                "spec": template["spec"],
+            }
             kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
             checked += 1
     assert checked >= 7
@@ -112,7 +123,7 @@ def _schedany_calls(tokens: list[str]) -> list[list[str]]:
     calls = []
     for i, token in enumerate(tokens):
         if token.endswith(("schedany", "launch.sh")) and i + 1 < len(tokens):
-            rest = tokens[i + 1:]
+            rest = tokens[i + 1 :]
             if token.endswith("launch.sh"):  # launch.sh CONFIG ... == schedany train CONFIG ...
                 rest = ["train", *rest]
             if rest and rest[0] in SUBCOMMANDS:
@@ -137,20 +148,27 @@ def command_lines() -> list[tuple[str, list[str]]]:
     lines = []
     for where, doc in manifests():
         lines += [(where, call) for call in _commands_in_yaml(doc)]
-        for service in doc.get("services", {}).values():  # compose: the image's entrypoint is schedany
+        for service in doc.get(
+            "services", {}
+        ).values():  # compose: the image's entrypoint is schedany
             if "entrypoint" not in service and service.get("command"):
                 lines.append((where, [str(x) for x in service["command"]]))
     texts = [ROOT / "README.md", *sorted((ROOT / "distributed").iterdir())]
     for path in texts:
         if path.is_file():
-            lines += [(str(path.relative_to(ROOT)), call) for call in _commands_in_text(path.read_text())]
+            lines += [
+                (str(path.relative_to(ROOT)), call) for call in _commands_in_text(path.read_text())
+            ]
     return lines
 
 
 @cache
 def _help(subcommand: str) -> str:
     result = subprocess.run(
-        [sys.executable, "-m", "schedany", subcommand, "--help"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "schedany", subcommand, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     return result.stdout
@@ -188,9 +206,18 @@ def _docker_works() -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _docker_works(), reason="no container engine: `docker info` fails on this machine")
+@pytest.mark.skipif(
+    not _docker_works(), reason="no container engine: `docker info` fails on this machine"
+)
 def test_container_builds_and_runs_help():
     tag = "schedany:test"
-    subprocess.run(["docker", "build", "-f", "deploy/Dockerfile", "-t", tag, "."], cwd=ROOT, check=True, timeout=1800)
-    result = subprocess.run(["docker", "run", "--rm", tag], capture_output=True, text=True, timeout=120)
+    subprocess.run(
+        ["docker", "build", "-f", "deploy/Dockerfile", "-t", tag, "."],
+        cwd=ROOT,
+        check=True,
+        timeout=1800,
+    )
+    result = subprocess.run(
+        ["docker", "run", "--rm", tag], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and "train" in result.stdout

@@ -376,8 +376,9 @@ def test_agent_store_group_keys_live_under_the_restart_count(monkeypatch) -> Non
     agent = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
-    for name, value in dict(RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, MASTER_ADDR="127.0.0.1",
-                            MASTER_PORT=agent.port).items():
+    for name, value in dict(
+        RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=agent.port
+    ).items():
         monkeypatch.setenv(name, str(value))
     try:
         init_distributed("cpu", timeout=timedelta(seconds=60))

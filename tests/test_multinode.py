@@ -41,17 +41,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_nodes(run: Path, max_restarts: int, env: dict[str, str] | None = None) -> list[subprocess.Popen[str]]:
+def start_nodes(
+    run: Path, max_restarts: int, env: dict[str, str] | None = None
+) -> list[subprocess.Popen[str]]:
     node_env = {
-        **os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable,
-        "NNODES": "2", "NPROC_PER_NODE": "1", "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}",
-        "JOB_ID": f"test-{uuid.uuid4().hex[:8]}", "MAX_RESTARTS": str(max_restarts),
-        "RDZV_TIMEOUT": "60", **(env or {}),
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHON": sys.executable,
+        "NNODES": "2",
+        "NPROC_PER_NODE": "1",
+        "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}",
+        "JOB_ID": f"test-{uuid.uuid4().hex[:8]}",
+        "MAX_RESTARTS": str(max_restarts),
+        "RDZV_TIMEOUT": "60",
+        **(env or {}),
     }
     argv = [GNTS, *sets([*TINY, "distributed.strategy=ddp"]), *run_args(run)]
     return [
-        subprocess.Popen(["bash", str(LAUNCHER), *argv], text=True, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, env=node_env)
+        subprocess.Popen(
+            ["bash", str(LAUNCHER), *argv],
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=node_env,
+        )
         for _ in range(2)
     ]
 
@@ -74,8 +87,10 @@ def assert_same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
 
 def test_two_nodes_form_one_job_equal_to_one_node(tmp_path):
     single, two = tmp_path / "single_node", tmp_path / "two_nodes"
-    reference = launch(["train", GNTS, *sets([*TINY, "distributed.strategy=ddp"]), *run_args(single)],
-                       torchrun=["--nproc-per-node", "2"])
+    reference = launch(
+        ["train", GNTS, *sets([*TINY, "distributed.strategy=ddp"]), *run_args(single)],
+        torchrun=["--nproc-per-node", "2"],
+    )
     nodes = start_nodes(two, max_restarts=0)
     output = finish_nodes(nodes)
     code, out, err = finish(reference)

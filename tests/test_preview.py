@@ -130,7 +130,9 @@ def test_trace_is_exactly_the_trainers_values(config_file: Path, real_run: Path)
         assert len({row[0] for row in result.values[key]}) > 2, key
 
 
-def test_tensorboard_output_matches_the_real_run(config_file: Path, real_run: Path, tmp_path: Path) -> None:
+def test_tensorboard_output_matches_the_real_run(
+    config_file: Path, real_run: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "tb"
     assert preview_command(str(config_file), None, None, str(out), []) == 0
     previewed, logged = scalars(out), scalars(real_run)
@@ -148,7 +150,9 @@ def test_png_has_one_panel_per_key(config_file: Path, tmp_path: Path, capsys) ->
 
     png = tmp_path / "plots" / "x.png"
     assert preview_command(str(config_file), str(png), None, None, []) == 0
-    assert "4 panels: lr, weight_decay, betas[0], gradient_norm_threshold" in capsys.readouterr().out
+    assert (
+        "4 panels: lr, weight_decay, betas[0], gradient_norm_threshold" in capsys.readouterr().out
+    )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     image = matplotlib.image.imread(png)
     # 8 in wide, 0.9 in + 2 in per panel high, at 100 dpi: the size counts the panels.
@@ -170,7 +174,9 @@ def test_steps_and_overrides(config_file: Path, capsys) -> None:
 
 
 def test_bad_arguments_are_config_errors(config_file: Path, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"--output: expected a file ending in \.png .*got '.*x\.txt'"):
+    with pytest.raises(
+        ConfigError, match=r"--output: expected a file ending in \.png .*got '.*x\.txt'"
+    ):
         preview_command(str(config_file), str(tmp_path / "x.txt"), None, None, [])
     with pytest.raises(ConfigError, match=r"--steps: expected an integer >= 1, got 0"):
         preview_command(str(config_file), None, 0, None, [])

@@ -28,20 +28,30 @@ def make_optimizer(seed: int = 0) -> AdamW:
 
 def make_schedule(optimizer: AdamW) -> schedany.SynchronousSchedule:
     schedany.extend_optimizer(optimizer, "gradient_norm_threshold", 1.0)
-    return schedany.SynchronousSchedule([
-        schedany.cosine_annealing_with_warmup(optimizer, 1.0, 0.1, 10, 100),
-        schedany.arbitrary_schedule_factory(
-            optimizer, lambda o: lrs.OneCycleLR(o, max_lr=0.5, total_steps=120, cycle_momentum=False),
-            schedule_target="weight_decay",
-        ),
-        schedany.arbitrary_schedule_factory(
-            optimizer, lambda o: lrs.CosineAnnealingWarmRestarts(o, T_0=7, eta_min=0.5),
-            schedule_target="betas[0]",
-        ),
-        schedany.cosine_annealing_with_inverse_warmup(
-            optimizer, 1.0, 0.2, 15, 90, warmup_multiplier=5.0, schedule_target="gradient_norm_threshold"
-        ),
-    ])
+    return schedany.SynchronousSchedule(
+        [
+            schedany.cosine_annealing_with_warmup(optimizer, 1.0, 0.1, 10, 100),
+            schedany.arbitrary_schedule_factory(
+                optimizer,
+                lambda o: lrs.OneCycleLR(o, max_lr=0.5, total_steps=120, cycle_momentum=False),
+                schedule_target="weight_decay",
+            ),
+            schedany.arbitrary_schedule_factory(
+                optimizer,
+                lambda o: lrs.CosineAnnealingWarmRestarts(o, T_0=7, eta_min=0.5),
+                schedule_target="betas[0]",
+            ),
+            schedany.cosine_annealing_with_inverse_warmup(
+                optimizer,
+                1.0,
+                0.2,
+                15,
+                90,
+                warmup_multiplier=5.0,
+                schedule_target="gradient_norm_threshold",
+            ),
+        ]
+    )
 
 
 def snapshot(schedule: schedany.SynchronousSchedule) -> dict[str, list[float]]:
@@ -82,7 +92,9 @@ def test_members_step_in_lockstep_and_read_back():
 def test_metric_goes_only_to_plateau_members():
     optimizer = make_optimizer()
     plateau = schedany.arbitrary_schedule_factory(
-        optimizer, lambda o: lrs.ReduceLROnPlateau(o, factor=0.5, patience=0), schedule_target="weight_decay"
+        optimizer,
+        lambda o: lrs.ReduceLROnPlateau(o, factor=0.5, patience=0),
+        schedule_target="weight_decay",
     )
     step_lr = lrs.StepLR(optimizer, step_size=2, gamma=0.5)
     schedule = schedany.SynchronousSchedule([step_lr, plateau])
@@ -115,7 +127,10 @@ def test_strict_load_lists_missing_and_unknown_names():
     state = schedule.state_dict()
     del state["schedules"]["betas[0]"]
     state["schedules"]["momentum"] = state["schedules"]["lr"]
-    with pytest.raises(KeyError, match=r"missing from the state: \['betas\[0\]'\], unknown in the state: \['momentum'\]"):
+    with pytest.raises(
+        KeyError,
+        match=r"missing from the state: \['betas\[0\]'\], unknown in the state: \['momentum'\]",
+    ):
         schedule.load_state_dict(state)
 
 
@@ -125,7 +140,9 @@ def _save(optimizer: AdamW, schedule: schedany.SynchronousSchedule) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("order", ["schedule_before_optimizer_load", "schedule_after_optimizer_load"])
+@pytest.mark.parametrize(
+    "order", ["schedule_before_optimizer_load", "schedule_after_optimizer_load"]
+)
 def test_exact_resume_in_either_construction_order(order: str):
     optimizer = make_optimizer()
     schedule = make_schedule(optimizer)
@@ -138,7 +155,9 @@ def test_exact_resume_in_either_construction_order(order: str):
             blob = _save(optimizer, schedule)
 
     state = torch.load(io.BytesIO(blob), weights_only=True)
-    resumed_optimizer = make_optimizer(seed=1)  # fresh, different weights: state must come from the checkpoint
+    resumed_optimizer = make_optimizer(
+        seed=1
+    )  # fresh, different weights: state must come from the checkpoint
     if order == "schedule_before_optimizer_load":
         resumed = make_schedule(resumed_optimizer)
         resumed_optimizer.load_state_dict(state["optimizer"])

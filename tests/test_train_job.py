@@ -43,8 +43,11 @@ def single(tmp_path_factory):
     root = tmp_path_factory.mktemp("single")
     runs = {name: root / name for name in ("a", "b", "killed")}
     argv = {name: ["train", GNTS, *sets(TINY), *run_args(run)] for name, run in runs.items()}
-    procs = [launch(argv["a"]), launch(argv["b"]),
-             launch(argv["killed"], fault(runs["killed"], step=5))]
+    procs = [
+        launch(argv["a"]),
+        launch(argv["b"]),
+        launch(argv["killed"], fault(runs["killed"], step=5)),
+    ]
     ok(procs[0]), ok(procs[1])
     code, out, err = finish(procs[2])
     assert code == -9, f"the fault did not fire: exit {code}\n{out}\n{err}"
@@ -57,11 +60,21 @@ def single(tmp_path_factory):
 def test_examples_run_through_the_cli_and_learn(tmp_path):
     names = ["baseline", "weight_decay", "logical_batch", "gnts"]
     procs = {
-        name: launch(["train", str(EXAMPLES / f"{name}.yaml"), *sets([
-            "train.steps=10", "data.max_bytes=300000", "data.eval_windows=16",
-            f"train.log_dir={tmp_path / name / 'logs'}",
-            f"train.checkpoint_dir={tmp_path / name / 'ckpt'}",
-        ])])
+        name: launch(
+            [
+                "train",
+                str(EXAMPLES / f"{name}.yaml"),
+                *sets(
+                    [
+                        "train.steps=10",
+                        "data.max_bytes=300000",
+                        "data.eval_windows=16",
+                        f"train.log_dir={tmp_path / name / 'logs'}",
+                        f"train.checkpoint_dir={tmp_path / name / 'ckpt'}",
+                    ]
+                ),
+            ]
+        )
         for name in names
     }
     for name, proc in procs.items():
@@ -120,8 +133,11 @@ def test_torchrun_ddp_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path
     runs = {name: tmp_path / name for name in ("ddp", "ddp_killed")}
     common = ["train", GNTS, *sets([*TINY, "distributed.strategy=ddp"])]
     ref = launch([*common, *run_args(runs["ddp"])], torchrun=["--nproc-per-node", "2"])
-    killed = launch([*common, *run_args(runs["ddp_killed"])], fault(runs["ddp_killed"], 5, rank=1),
-                    torchrun=["--nproc-per-node", "2", "--max-restarts", "1"])
+    killed = launch(
+        [*common, *run_args(runs["ddp_killed"])],
+        fault(runs["ddp_killed"], 5, rank=1),
+        torchrun=["--nproc-per-node", "2", "--max-restarts", "1"],
+    )
     ok(ref)
     output = ok(killed)
     assert (runs["ddp_killed"] / "fault.marker").exists()
@@ -139,8 +155,12 @@ def test_torchrun_ddp_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path
 @pytest.mark.slow
 def test_torchrun_fsdp_completes(tmp_path):
     run = tmp_path / "fsdp"
-    ok(launch(["train", GNTS, *sets([*TINY, "distributed.strategy=fsdp"]), *run_args(run)],
-              torchrun=["--nproc-per-node", "2"]))
+    ok(
+        launch(
+            ["train", GNTS, *sets([*TINY, "distributed.strategy=fsdp"]), *run_args(run)],
+            torchrun=["--nproc-per-node", "2"],
+        )
+    )
     manifest = json.loads((run / "ckpt" / f"step_{STEPS:08d}" / "MANIFEST.json").read_text())
     assert manifest["world_size"] == 2
     assert len(records(run)) == STEPS
@@ -154,8 +174,16 @@ def test_train_in_process_reports_and_resumes(tmp_path):
     from schedany.config import load_config
     from schedany.job import train
 
-    config = load_config(GNTS, [*TINY, "train.steps=4", "train.checkpoint_every=0",
-                                "train.progress=none", f"train.checkpoint_dir={tmp_path / 'ckpt'}"])
+    config = load_config(
+        GNTS,
+        [
+            *TINY,
+            "train.steps=4",
+            "train.checkpoint_every=0",
+            "train.progress=none",
+            f"train.checkpoint_dir={tmp_path / 'ckpt'}",
+        ],
+    )
     calls: list[tuple[dict[str, float], str | None]] = []
     result = train(config, report=lambda metrics, path: calls.append((metrics, path)))
     assert [m["global_step"] for m, _ in calls] == [2.0, 4.0]
@@ -174,11 +202,18 @@ def test_train_in_process_reports_and_resumes(tmp_path):
 
     from schedany.job.checkpoint import CheckpointError
 
-    other = load_config(GNTS, [*TINY, "train.steps=6", "train.progress=none",
-                               f"train.checkpoint_dir={tmp_path / 'ckpt'}",
-                               "schedules.weight_decay={curve: constant_schedule, value: 1.0}",
-                               "schedules.momentum_like={curve: constant_schedule, value: 1.0}",
-                               "extend.momentum_like=0.5"])
+    other = load_config(
+        GNTS,
+        [
+            *TINY,
+            "train.steps=6",
+            "train.progress=none",
+            f"train.checkpoint_dir={tmp_path / 'ckpt'}",
+            "schedules.weight_decay={curve: constant_schedule, value: 1.0}",
+            "schedules.momentum_like={curve: constant_schedule, value: 1.0}",
+            "extend.momentum_like=0.5",
+        ],
+    )
     with pytest.raises(CheckpointError, match=r"does not fit this config .*momentum_like"):
         train(other)
 
@@ -191,7 +226,7 @@ def test_progress_bar_and_lines():
     bar = io.StringIO()
     console = Console("bar", total=3, initial=0, enabled=True, stream=bar)
     for step in (1, 2, 3):
-        console.update(step, {"train/loss": 2.5, "lr": 1e-3} if step == 3 else None)
+        console.update({"train/loss": 2.5, "lr": 1e-3} if step == 3 else None)
     console.close()
     assert "3/3" in bar.getvalue() and "lr=0.001" in bar.getvalue()
 

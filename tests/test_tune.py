@@ -54,15 +54,23 @@ BASE: dict[str, Any] = {
     "data": {"eval_windows": 4, "eval_batch_size": 4, "eval_fraction": 0.3},
     "optimizer": {"name": "AdamW", "lr": LR, "weight_decay": 0.0},
     "schedules": {
-        "lr": {"curve": "cosine_annealing_with_warmup", "warmup_to_value": 1.0,
-               "anneal_to_value": 0.1, "num_warmup_steps": 5, "num_training_steps": 15},
+        "lr": {
+            "curve": "cosine_annealing_with_warmup",
+            "warmup_to_value": 1.0,
+            "anneal_to_value": 0.1,
+            "num_warmup_steps": 5,
+            "num_training_steps": 15,
+        },
     },
     "train": {"steps": 15, "micro_batch_size": 2, "log_every": 5},
 }
 
 THRESHOLD = {
-    "curve": "cosine_annealing_with_inverse_warmup", "warmup_to_value": 1.0,
-    "anneal_to_value": 0.5, "num_warmup_steps": 14, "num_training_steps": 15,
+    "curve": "cosine_annealing_with_inverse_warmup",
+    "warmup_to_value": 1.0,
+    "anneal_to_value": 0.5,
+    "num_warmup_steps": 14,
+    "num_training_steps": 15,
     "warmup_multiplier": 20.0,
 }
 
@@ -94,12 +102,18 @@ def write_sweep(folder: Path, name: str, **blocks: Any) -> Path:
     return path
 
 
-def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 150) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 150
+) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     full_env.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "schedany", *args], capture_output=True, text=True,
-        timeout=timeout, env=full_env, cwd=REPO,
+        [sys.executable, "-m", "schedany", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=REPO,
     )
 
 
@@ -121,8 +135,9 @@ def step_records(trial_dir: Path) -> dict[int, dict[str, Any]]:
 
 
 def lr_curve(warmup: int) -> Any:
-    return warmup_anneal_curve(warmup_to_value=1.0, anneal_to_value=0.1,
-                               num_warmup_steps=warmup, num_training_steps=15)
+    return warmup_anneal_curve(
+        warmup_to_value=1.0, anneal_to_value=0.1, num_warmup_steps=warmup, num_training_steps=15
+    )
 
 
 def threshold_curve(multiplier: float) -> Any:
@@ -140,10 +155,15 @@ def free_port() -> int:
 
 
 def test_distributions_parse_and_clamp() -> None:
-    space = parse_search({
-        "a": {"uniform": [0.5, 2]}, "b": {"randint": [5, 50]}, "c": {"choice": ["x", "y"]},
-        "d": {"grid": [1, 2, 4]}, "e": {"loguniform": [1e-4, 1e-2]},
-    })
+    space = parse_search(
+        {
+            "a": {"uniform": [0.5, 2]},
+            "b": {"randint": [5, 50]},
+            "c": {"choice": ["x", "y"]},
+            "d": {"grid": [1, 2, 4]},
+            "e": {"loguniform": [1e-4, 1e-2]},
+        }
+    )
     assert space["b"].clamp(51.7) == 50 and isinstance(space["b"].clamp(7.4), int)
     assert space["a"].clamp(-3) == 0.5 and space["e"].clamp(1.0) == 1e-2
     assert space["c"].clamp("z") == "x" and space["d"].clamp(3.2) == 4
@@ -163,36 +183,72 @@ def test_distributions_parse_and_clamp() -> None:
 
 
 BAD_SWEEPS = [
-    ({"search": {"schedules.lr.num_warmup_stepz": {"grid": [1]}}},
-     r"search\.schedules\.lr\.num_warmup_stepz: unknown config path"),
-    ({"search": {"schedules.momentum.num_warmup_steps": {"grid": [1]}}},
-     r"search\.schedules\.momentum\.num_warmup_steps: unknown config path"),
-    ({"search": {"modell.d_model": {"grid": [8]}}}, r"search\.modell\.d_model: unknown config path"),
-    ({"search": {"schedules.lr.num_warmup_steps": {"gaussian": [1, 2]}}},
-     r"search\.schedules\.lr\.num_warmup_steps: unknown distribution"),
-    ({"search": {"schedules.lr.num_warmup_steps": {"uniform": [1, 5]}}},
-     r"search\.schedules\.lr\.num_warmup_steps: uniform value 1\.0 .*expected an integer"),
-    ({"search": {"schedules.lr.num_warmup_steps": {"randint": [1, 40]}}},
-     r"search\.schedules\.lr\.num_warmup_steps: randint value 40 .*num_training_steps"),
-    ({"search": {"schedules.lr.curve": {"choice": ["cosine_annealing_with_warmup", "nope"]}}},
-     r"search\.schedules\.lr\.curve: choice value 'nope'"),
+    (
+        {"search": {"schedules.lr.num_warmup_stepz": {"grid": [1]}}},
+        r"search\.schedules\.lr\.num_warmup_stepz: unknown config path",
+    ),
+    (
+        {"search": {"schedules.momentum.num_warmup_steps": {"grid": [1]}}},
+        r"search\.schedules\.momentum\.num_warmup_steps: unknown config path",
+    ),
+    (
+        {"search": {"modell.d_model": {"grid": [8]}}},
+        r"search\.modell\.d_model: unknown config path",
+    ),
+    (
+        {"search": {"schedules.lr.num_warmup_steps": {"gaussian": [1, 2]}}},
+        r"search\.schedules\.lr\.num_warmup_steps: unknown distribution",
+    ),
+    (
+        {"search": {"schedules.lr.num_warmup_steps": {"uniform": [1, 5]}}},
+        r"search\.schedules\.lr\.num_warmup_steps: uniform value 1\.0 .*expected an integer",
+    ),
+    (
+        {"search": {"schedules.lr.num_warmup_steps": {"randint": [1, 40]}}},
+        r"search\.schedules\.lr\.num_warmup_steps: randint value 40 .*num_training_steps",
+    ),
+    (
+        {"search": {"schedules.lr.curve": {"choice": ["cosine_annealing_with_warmup", "nope"]}}},
+        r"search\.schedules\.lr\.curve: choice value 'nope'",
+    ),
     ({"search": {}}, r"^search: expected at least one"),
-    ({"search": {"schedules.lr.num_warmup_steps": {"grid": [1]}}, "tune": {"metric": "acc"}},
-     r"tune\.metric: expected one of"),
-    ({"search": {"schedules.lr.num_warmup_steps": {"grid": [1]}}, "tune": {"schedulr": "pbt"}},
-     r"tune\.schedulr: unknown field"),
-    ({"search": {"schedules.lr.num_warmup_steps": {"grid": [1, 2]}},
-      "tune": {"scheduler": "pbt", "pbt": {"perturbation_interval": 5},
-               "resources": {"workers": 2}}},
-     r"tune\.resources\.workers: scheduler pbt cannot run multi-worker trials"),
-    ({"search": {"schedules.lr.num_warmup_steps": {"grid": [1, 2]}},
-      "tune": {"scheduler": "pbt", "pbt": {"perturbation_interval": 7}}},
-     r"tune\.pbt\.perturbation_interval: expected a multiple of train\.log_every \(5\)"),
-    ({"search": {"model.d_model": {"grid": [16, 32]}},
-      "tune": {"scheduler": "pbt", "pbt": {"perturbation_interval": 5}}},
-     r"search\.model\.d_model: PBT restores"),
-    ({"search": {"schedules.lr.num_warmup_steps": {"grid": [1]}}, "set": {"train.stepz": 3}},
-     r"base: .*train\.stepz: unknown field"),
+    (
+        {"search": {"schedules.lr.num_warmup_steps": {"grid": [1]}}, "tune": {"metric": "acc"}},
+        r"tune\.metric: expected one of",
+    ),
+    (
+        {"search": {"schedules.lr.num_warmup_steps": {"grid": [1]}}, "tune": {"schedulr": "pbt"}},
+        r"tune\.schedulr: unknown field",
+    ),
+    (
+        {
+            "search": {"schedules.lr.num_warmup_steps": {"grid": [1, 2]}},
+            "tune": {
+                "scheduler": "pbt",
+                "pbt": {"perturbation_interval": 5},
+                "resources": {"workers": 2},
+            },
+        },
+        r"tune\.resources\.workers: scheduler pbt cannot run multi-worker trials",
+    ),
+    (
+        {
+            "search": {"schedules.lr.num_warmup_steps": {"grid": [1, 2]}},
+            "tune": {"scheduler": "pbt", "pbt": {"perturbation_interval": 7}},
+        },
+        r"tune\.pbt\.perturbation_interval: expected a multiple of train\.log_every \(5\)",
+    ),
+    (
+        {
+            "search": {"model.d_model": {"grid": [16, 32]}},
+            "tune": {"scheduler": "pbt", "pbt": {"perturbation_interval": 5}},
+        },
+        r"search\.model\.d_model: PBT restores",
+    ),
+    (
+        {"search": {"schedules.lr.num_warmup_steps": {"grid": [1]}}, "set": {"train.stepz": 3}},
+        r"base: .*train\.stepz: unknown field",
+    ),
 ]
 
 
@@ -220,7 +276,9 @@ def test_a_trial_too_big_for_the_local_ray_is_refused() -> None:
         _check_fits(ResourcesSection(cpus=1.0, workers=2), local)
 
 
-def test_bad_sweep_exits_2_through_the_cli(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_sweep_exits_2_through_the_cli(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = write_sweep(workdir, "bad_cli", search={"schedules.lr.num_warmup_stepz": {"grid": [1]}})
     assert main(["tune", str(path)]) == 2
     err = capsys.readouterr().err
@@ -268,26 +326,44 @@ def test_bad_address_exits_1_without_traceback(
 
 def test_legal_explore_keeps_values_legal() -> None:
     base = copy.deepcopy(BASE)
-    mutations = parse_search({
-        "schedules.lr.num_warmup_steps": {"randint": [0, 15]},
-        "schedules.lr.anneal_to_value": {"uniform": [0.0, 0.5]},
-        "schedules.lr.curve": {"choice": ["cosine_annealing_with_warmup",
-                                          "linear_schedule_with_warmup"]},
-    })
+    mutations = parse_search(
+        {
+            "schedules.lr.num_warmup_steps": {"randint": [0, 15]},
+            "schedules.lr.anneal_to_value": {"uniform": [0.0, 0.5]},
+            "schedules.lr.curve": {
+                "choice": ["cosine_annealing_with_warmup", "linear_schedule_with_warmup"]
+            },
+        }
+    )
     explore = LegalExplore(base, mutations)
-    out = explore({"schedules.lr.num_warmup_steps": 14.4, "schedules.lr.anneal_to_value": 0.9,
-                   "schedules.lr.curve": "quadratic_schedule_with_warmup"})
-    assert out == {"schedules.lr.num_warmup_steps": 14, "schedules.lr.anneal_to_value": 0.5,
-                   "schedules.lr.curve": "cosine_annealing_with_warmup"}
+    out = explore(
+        {
+            "schedules.lr.num_warmup_steps": 14.4,
+            "schedules.lr.anneal_to_value": 0.9,
+            "schedules.lr.curve": "quadratic_schedule_with_warmup",
+        }
+    )
+    assert out == {
+        "schedules.lr.num_warmup_steps": 14,
+        "schedules.lr.anneal_to_value": 0.5,
+        "schedules.lr.curve": "cosine_annealing_with_warmup",
+    }
     assert isinstance(out["schedules.lr.num_warmup_steps"], int)
     # warmup <= training steps, whichever of the two was mutated
-    both = LegalExplore(base, parse_search({
-        "schedules.lr.num_warmup_steps": {"randint": [0, 40]},
-        "schedules.lr.num_training_steps": {"randint": [10, 40]},
-    }))
+    both = LegalExplore(
+        base,
+        parse_search(
+            {
+                "schedules.lr.num_warmup_steps": {"randint": [0, 40]},
+                "schedules.lr.num_training_steps": {"randint": [10, 40]},
+            }
+        ),
+    )
     out = both({"schedules.lr.num_warmup_steps": 30, "schedules.lr.num_training_steps": 12})
     assert out["schedules.lr.num_warmup_steps"] == 12
-    only_total = LegalExplore(base, parse_search({"schedules.lr.num_training_steps": {"randint": [1, 40]}}))
+    only_total = LegalExplore(
+        base, parse_search({"schedules.lr.num_training_steps": {"randint": [1, 40]}})
+    )
     out = only_total({"schedules.lr.num_training_steps": 3})
     assert out == {"schedules.lr.num_training_steps": 5}  # raised to the base warmup
     resolve_trial_config(base, out)
@@ -324,7 +400,9 @@ def test_rebuild_at_step_uses_the_new_curve_and_the_old_state() -> None:
     for t in range(9, 12):  # and it goes on along the new curve
         opt.step()
         schedule.step()
-        assert schedule.get_last_schedule("gradient_norm_threshold") == [pytest.approx(new(t), rel=1e-12)]
+        assert schedule.get_last_schedule("gradient_norm_threshold") == [
+            pytest.approx(new(t), rel=1e-12)
+        ]
     with pytest.raises(ValueError, match="fresh from its config"):
         rebuild_at_step(opt, schedule, saved, 8)
 
@@ -345,7 +423,9 @@ def test_advance_replays_chainable_schedulers_exactly() -> None:
         assert run_a.get_last_schedule(name) == run_b.get_last_schedule(name)
 
 
-def test_user_report_and_restore_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_user_report_and_restore_round_trip(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """report() sends global_step, the scheduled values and a checkpoint; restore()
     into a mutated config rebuilds the schedule there (Tune's session faked)."""
     from ray import tune
@@ -375,7 +455,9 @@ def test_user_report_and_restore_round_trip(tmp_path: Path, monkeypatch: pytest.
         schedule.step()
     metrics, folder = reported[-1]
     assert metrics["global_step"] == 6 and metrics["train/loss"] == 1.0
-    assert metrics["schedule/gradient_norm_threshold/pg0"] == pytest.approx(threshold_curve(20.0)(5))
+    assert metrics["schedule/gradient_norm_threshold/pg0"] == pytest.approx(
+        threshold_curve(20.0)(5)
+    )
     assert metrics["schedule/lr/pg0"] == pytest.approx(LR * lr_curve(5)(5))
 
     monkeypatch.setattr(tune, "get_checkpoint", lambda: tune.Checkpoint.from_directory(folder))
@@ -386,8 +468,14 @@ def test_user_report_and_restore_round_trip(tmp_path: Path, monkeypatch: pytest.
     assert torch.equal(model2.weight, model.weight)
     assert opt2.param_groups[0]["gradient_norm_threshold"] == pytest.approx(threshold_curve(3.0)(6))
     monkeypatch.setattr(tune, "get_checkpoint", lambda: None)
-    assert ray_tune.restore(model=model2, optimizer=opt2, schedule=build_schedule(
-        torch.optim.AdamW(model2.parameters(), lr=LR), _config(3.0))) == 0
+    assert (
+        ray_tune.restore(
+            model=model2,
+            optimizer=opt2,
+            schedule=build_schedule(torch.optim.AdamW(model2.parameters(), lr=LR), _config(3.0)),
+        )
+        == 0
+    )
 
 
 # --- real sweeps ------------------------------------------------------------------------
@@ -406,10 +494,22 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Any:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | HEAD_AUTH
     log = open(tmp_path_factory.mktemp("head") / "head.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
-        [shutil.which("ray") or "ray", "start", "--head", "--block", f"--port={port}",
-         "--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=false",
-         f"--temp-dir={temp}", "--disable-usage-stats"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        [
+            shutil.which("ray") or "ray",
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--node-ip-address=127.0.0.1",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+            f"--temp-dir={temp}",
+            "--disable-usage-stats",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 60
@@ -469,14 +569,24 @@ def test_pbt_exploit_rebuilds_the_schedule(workdir: Path, ray_head: str) -> None
     on, and its steps continue from the donor's checkpoint."""
     path_key = "schedules.gradient_norm_threshold.warmup_multiplier"
     path = write_sweep(
-        workdir, "pbt",
-        set={"extend": {"gradient_norm_threshold": 1.0},
-             "schedules.gradient_norm_threshold": THRESHOLD,
-             "control": {"kind": "gnts", "max_accumulation_steps": 2}},
+        workdir,
+        "pbt",
+        set={
+            "extend": {"gradient_norm_threshold": 1.0},
+            "schedules.gradient_norm_threshold": THRESHOLD,
+            "control": {"kind": "gnts", "max_accumulation_steps": 2},
+        },
         search={path_key: {"grid": [2.0, 40.0]}},
-        tune={"scheduler": "pbt", "pbt": {
-            "perturbation_interval": 10, "quantile_fraction": 0.5, "resample_probability": 0.0,
-            "synch": True, "mutations": {path_key: {"uniform": [1.5, 100.0]}}}},
+        tune={
+            "scheduler": "pbt",
+            "pbt": {
+                "perturbation_interval": 10,
+                "quantile_fraction": 0.5,
+                "resample_probability": 0.0,
+                "synch": True,
+                "mutations": {path_key: {"uniform": [1.5, 100.0]}},
+            },
+        },
     )
     proc = cli("tune", str(path), "--address", ray_head, env=HEAD_AUTH)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -491,7 +601,9 @@ def test_pbt_exploit_rebuilds_the_schedule(workdir: Path, ray_head: str) -> None
             assert r["schedule/gradient_norm_threshold/pg0"] == pytest.approx(expected, rel=1e-12)
     # PBT's own log: [target tag, donor tag, target iteration, donor iteration,
     # donor config, explored config], one line per exploit.
-    exploits = [json.loads(line) for line in (experiment / "pbt_global.txt").read_text().splitlines()]
+    exploits = [
+        json.loads(line) for line in (experiment / "pbt_global.txt").read_text().splitlines()
+    ]
     assert exploits, "no trial was exploited"
     target_tag, _, _, _, donor_config, new_config = exploits[0]
     restored = 10  # synch: both trials stop at step 10, the donor's checkpoint is step 10
@@ -516,15 +628,23 @@ def test_pbt_exploit_rebuilds_the_schedule(workdir: Path, ray_head: str) -> None
 def test_crashed_trial_resumes_from_its_checkpoint(workdir: Path, ray_head: str) -> None:
     """A trial killed once after step 10 restarts from its step-10 checkpoint
     (max_failures 1); its reported steps are continuous and the sweep finishes."""
-    path = write_sweep(workdir, "fault", search={"schedules.lr.num_warmup_steps": {"grid": [4]}},
-                       tune={"max_failures": 1})
-    proc = cli("tune", str(path), "--address", ray_head, env={"SCHEDANY_FAULT_AT_STEP": "10", **HEAD_AUTH})
+    path = write_sweep(
+        workdir,
+        "fault",
+        search={"schedules.lr.num_warmup_steps": {"grid": [4]}},
+        tune={"max_failures": 1},
+    )
+    proc = cli(
+        "tune", str(path), "--address", ray_head, env={"SCHEDANY_FAULT_AT_STEP": "10", **HEAD_AUTH}
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     experiment = workdir / "runs" / "fault"
     ((name, trial),) = trial_rows(experiment).items()
     assert [r["global_step"] for r in trial] == [5, 10, 15]
     for r in trial:
-        assert r["schedule/lr/pg0"] == pytest.approx(LR * lr_curve(4)(r["global_step"] - 1), rel=1e-12)
+        assert r["schedule/lr/pg0"] == pytest.approx(
+            LR * lr_curve(4)(r["global_step"] - 1), rel=1e-12
+        )
     assert "The actor died unexpectedly" in (experiment / name / "error.txt").read_text()
     records = step_records(experiment / name)
     assert sorted(records) == list(range(1, 16))
@@ -534,7 +654,9 @@ def test_crashed_trial_resumes_from_its_checkpoint(workdir: Path, ray_head: str)
 def test_multi_worker_trials_run_as_ddp_jobs(workdir: Path, ray_head: str) -> None:
     """workers: 2 runs each trial as a 2-process TorchTrainer job; rank 0 reports."""
     path = write_sweep(
-        workdir, "ddp", set={"train.steps": 10, "schedules.lr.num_training_steps": 10},
+        workdir,
+        "ddp",
+        set={"train.steps": 10, "schedules.lr.num_training_steps": 10},
         search={"schedules.lr.num_warmup_steps": {"grid": [2]}},
         tune={"scheduler": "asha", "resources": {"workers": 2, "cpus": 0.5}},
     )
@@ -543,8 +665,9 @@ def test_multi_worker_trials_run_as_ddp_jobs(workdir: Path, ray_head: str) -> No
     experiment = workdir / "runs" / "ddp"
     ((name, trial),) = trial_rows(experiment).items()
     assert [r["global_step"] for r in trial] == [5, 10]
-    curve = warmup_anneal_curve(warmup_to_value=1.0, anneal_to_value=0.1,
-                                num_warmup_steps=2, num_training_steps=10)
+    curve = warmup_anneal_curve(
+        warmup_to_value=1.0, anneal_to_value=0.1, num_warmup_steps=2, num_training_steps=10
+    )
     for r in trial:
         assert r["schedule/lr/pg0"] == pytest.approx(LR * curve(r["global_step"] - 1), rel=1e-12)
     assert (experiment / name / "logs" / "metrics.jsonl").is_file()

@@ -51,8 +51,11 @@ def parse_config(data: Any) -> TrainConfig:
         if key not in BLOCKS:
             raise unknown_key("", key, BLOCKS, "block")
     sections = {
-        "model": ModelSection, "data": DataSection, "control": ControlSection,
-        "train": TrainSection, "distributed": DistributedSection,
+        "model": ModelSection,
+        "data": DataSection,
+        "control": ControlSection,
+        "train": TrainSection,
+        "distributed": DistributedSection,
     }
     kwargs: dict[str, Any] = {
         name: from_mapping(cls, data.get(name), name) for name, cls in sections.items()
@@ -75,12 +78,16 @@ def _check_blocks_fit(config: TrainConfig) -> None:
     if d.path is not None and not Path(d.path).is_dir():
         raise expected("data.path", "an existing folder of text files", d.path)
     if c.max_accumulation_steps is not None and c.kind != "gnts":
-        raise ConfigError("control.max_accumulation_steps",
-                          f"only applies to kind gnts, but kind is {c.kind}")
+        raise ConfigError(
+            "control.max_accumulation_steps", f"only applies to kind gnts, but kind is {c.kind}"
+        )
     for name, spec in config.schedules.items():
         if spec.kind == "scheduler" and spec.name == "ReduceLROnPlateau":
-            raise ConfigError(f"schedules.{name}.scheduler", "ReduceLROnPlateau needs a metric "
-                              "at every step; the reference trainer steps schedules without one")
+            raise ConfigError(
+                f"schedules.{name}.scheduler",
+                "ReduceLROnPlateau needs a metric "
+                "at every step; the reference trainer steps schedules without one",
+            )
     key = config.control_key()
     if key is None or key in config.extend:
         return
@@ -88,9 +95,10 @@ def _check_blocks_fit(config: TrainConfig) -> None:
         value = initial_value(config.optimizer, key)
     except KeyError:
         raise ConfigError(
-            "control.key", f"control.kind {c.kind} reads optimizer key {key!r}, which "
+            "control.key",
+            f"control.kind {c.kind} reads optimizer key {key!r}, which "
             f"is neither an optimizer argument nor in extend; add `extend: {{{key}: "
-            "...}` (and usually a schedule for it)"
+            "...}` (and usually a schedule for it)",
         ) from None
     if not is_numeric(value):
         raise ConfigError("control.key", f"optimizer.{key} is {show(value)}, not a number")

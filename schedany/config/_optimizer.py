@@ -27,7 +27,8 @@ _NEEDS_CLOSURE = {"LBFGS"}
 
 def _optimizer_names() -> list[str]:
     return sorted(
-        name for name, obj in vars(torch.optim).items()
+        name
+        for name, obj in vars(torch.optim).items()
         if inspect.isclass(obj) and issubclass(obj, Optimizer) and obj is not Optimizer
     )
 
@@ -38,7 +39,8 @@ def optimizer_class(name: str) -> type[Optimizer]:
 
 def _arguments(cls: type[Optimizer]) -> list[str]:
     return [
-        n for n, p in inspect.signature(cls.__init__).parameters.items()
+        n
+        for n, p in inspect.signature(cls.__init__).parameters.items()
         if n not in ("self", "params") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     ]
 
@@ -49,8 +51,9 @@ def _value(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
-def _parse_kwargs(data: Mapping[str, Any], allowed: list[str], path: str, cls_name: str
-                  ) -> dict[str, Any]:
+def _parse_kwargs(
+    data: Mapping[str, Any], allowed: list[str], path: str, cls_name: str
+) -> dict[str, Any]:
     out = {}
     for key, value in data.items():
         if key not in allowed:
@@ -74,30 +77,35 @@ def parse_optimizer(data: Any, path: str = "optimizer") -> OptimizerSection:
     names = _optimizer_names()
     if not isinstance(name, str) or name not in names:
         hint = did_you_mean(str(name), names)
-        raise ConfigError(f"{path}.name", f"expected a class of torch.optim{hint}, got "
-                                          f"{show(name)}; known: {', '.join(names)}")
+        raise ConfigError(
+            f"{path}.name",
+            f"expected a class of torch.optim{hint}, got {show(name)}; known: {', '.join(names)}",
+        )
     if name in _NEEDS_CLOSURE:
-        raise ConfigError(f"{path}.name", f"{name} needs a closure in step(); the reference "
-                                          "trainer calls step() without one")
+        raise ConfigError(
+            f"{path}.name",
+            f"{name} needs a closure in step(); the reference trainer calls step() without one",
+        )
     allowed = _arguments(optimizer_class(name))
     groups = data.pop("param_groups", None)
     kwargs = _parse_kwargs(data, allowed, path, name)
     parsed_groups = None
     if groups is not None:
-        groups = as_mapping(groups, f"{path}.param_groups",
-                            "a mapping of group name (decay, no_decay) -> overrides")
+        groups = as_mapping(
+            groups, f"{path}.param_groups", "a mapping of group name (decay, no_decay) -> overrides"
+        )
         parsed_groups = {}
         for group, overrides in groups.items():
             if group not in GROUP_NAMES:
                 raise unknown_key(f"{path}.param_groups", group, GROUP_NAMES, "param group")
             where = f"{path}.param_groups.{group}"
-            parsed_groups[group] = _parse_kwargs(as_mapping(overrides, where), allowed, where,
-                                                 name)
+            parsed_groups[group] = _parse_kwargs(as_mapping(overrides, where), allowed, where, name)
     return OptimizerSection(name=name, kwargs=kwargs, param_groups=parsed_groups)
 
 
-def make_optimizer(section: OptimizerSection, groups: Sequence[dict[str, Any]],
-                   path: str = "optimizer") -> Optimizer:
+def make_optimizer(
+    section: OptimizerSection, groups: Sequence[dict[str, Any]], path: str = "optimizer"
+) -> Optimizer:
     """Build ``torch.optim.<name>`` over ``groups`` (dicts with ``params`` and maybe
     ``name``), applying each named group's overrides. torch's own argument errors
     become :class:`ConfigError`."""
@@ -115,8 +123,9 @@ def make_optimizer(section: OptimizerSection, groups: Sequence[dict[str, Any]],
     try:
         return cls(final, **section.kwargs)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(path, f"torch.optim.{section.name} rejected its arguments: {exc}"
-                          ) from None
+        raise ConfigError(
+            path, f"torch.optim.{section.name} rejected its arguments: {exc}"
+        ) from None
 
 
 def initial_value(section: OptimizerSection, key: str) -> Any:

@@ -96,18 +96,23 @@ def curve_names() -> list[str]:
 
 def _scheduler_names() -> list[str]:
     return sorted(
-        name for name, obj in vars(lr_scheduler).items()
-        if inspect.isclass(obj) and issubclass(obj, (LRScheduler, ReduceLROnPlateau))
-        and not name.startswith("_") and name not in _NOT_FROM_A_FILE
+        name
+        for name, obj in vars(lr_scheduler).items()
+        if inspect.isclass(obj)
+        and issubclass(obj, (LRScheduler, ReduceLROnPlateau))
+        and not name.startswith("_")
+        and name not in _NOT_FROM_A_FILE
     )
 
 
-def _check_signature(func: Callable[..., Any], args: Mapping[str, Any], path: str,
-                     what: str, skip: tuple[str, ...]) -> dict[str, inspect.Parameter]:
+def _check_signature(
+    func: Callable[..., Any], args: Mapping[str, Any], path: str, what: str, skip: tuple[str, ...]
+) -> dict[str, inspect.Parameter]:
     """Refuse unknown, missing and schedany-owned arguments; returns the settable ones."""
     signature = inspect.signature(func).parameters
     params = {
-        n: p for n, p in signature.items()
+        n: p
+        for n, p in signature.items()
         if n not in skip and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     }
     takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.values())
@@ -143,16 +148,18 @@ def _parse_entry(target: str, entry: Any, path: str) -> ScheduleSpec:
     kinds = [k for k in ("curve", "scheduler") if k in entry]
     if len(kinds) != 1:
         raise ConfigError(
-            path, "expected exactly one of `curve:` (a built-in or registered curve) or "
-            f"`scheduler:` (a torch.optim.lr_scheduler class), got keys {sorted(entry)}"
+            path,
+            "expected exactly one of `curve:` (a built-in or registered curve) or "
+            f"`scheduler:` (a torch.optim.lr_scheduler class), got keys {sorted(entry)}",
         )
     kind = kinds[0]
     name = entry[kind]
     args = {k: v for k, v in entry.items() if k != kind}
     if kind == "curve":
         if not isinstance(name, str) or name not in curve_names():
-            raise _unknown_name(f"{path}.curve", name, curve_names(),
-                                "a built-in or registered curve")
+            raise _unknown_name(
+                f"{path}.curve", name, curve_names(), "a built-in or registered curve"
+            )
         if name in BUILTIN_CURVES:
             _check_signature(BUILTIN_CURVES[name], args, path, f"curve {name!r}", _BOUND_ARGS)
             _builtin_curve(name, args, path)  # the curve checks its own arguments
@@ -161,13 +168,21 @@ def _parse_entry(target: str, entry: Any, path: str) -> ScheduleSpec:
     else:
         names = _scheduler_names()
         if isinstance(name, str) and name in _NOT_FROM_A_FILE:
-            raise ConfigError(f"{path}.scheduler", f"{name} cannot be built from a config: "
-                              f"{_NOT_FROM_A_FILE[name]}")
+            raise ConfigError(
+                f"{path}.scheduler",
+                f"{name} cannot be built from a config: {_NOT_FROM_A_FILE[name]}",
+            )
         if not isinstance(name, str) or name not in names:
-            raise _unknown_name(f"{path}.scheduler", name, names,
-                                "a class of torch.optim.lr_scheduler")
-        params = _check_signature(getattr(lr_scheduler, name).__init__, args, path,
-                                  f"torch.optim.lr_scheduler.{name}", ("self", "optimizer"))
+            raise _unknown_name(
+                f"{path}.scheduler", name, names, "a class of torch.optim.lr_scheduler"
+            )
+        params = _check_signature(
+            getattr(lr_scheduler, name).__init__,
+            args,
+            path,
+            f"torch.optim.lr_scheduler.{name}",
+            ("self", "optimizer"),
+        )
         for key, value in args.items():
             _check_annotated(value, params[key].annotation, f"{path}.{key}")
     return ScheduleSpec(target=target, kind=kind, name=name, args=dict(args))
@@ -175,8 +190,9 @@ def _parse_entry(target: str, entry: Any, path: str) -> ScheduleSpec:
 
 def _unknown_name(path: str, name: Any, allowed: list[str], what: str) -> ConfigError:
     hint = did_you_mean(str(name), allowed)
-    return ConfigError(path, f"expected {what}{hint}, got {show(name)}; "
-                             f"known: {', '.join(allowed)}")
+    return ConfigError(
+        path, f"expected {what}{hint}, got {show(name)}; known: {', '.join(allowed)}"
+    )
 
 
 def _builtin_curve(name: str, args: Mapping[str, Any], path: str) -> Curve:
@@ -214,9 +230,14 @@ def _check_annotated(value: Any, annotation: Any, path: str) -> None:
             raise expected(path, "one of " + ", ".join(choices), value)
         if option.startswith("Callable"):
             raise expected(path, "null (a function cannot come from a config)", value)
-    words = {"int": "an integer", "float": "a finite number", "bool": "true or false",
-             "None": "null", "list[float]": "a list of numbers",
-             "Iterable[int]": "a list of integers"}
+    words = {
+        "int": "an integer",
+        "float": "a finite number",
+        "bool": "true or false",
+        "None": "null",
+        "list[float]": "a list of numbers",
+        "Iterable[int]": "a list of integers",
+    }
     known = [words[o] for o in options if o in words]
     if known and len(known) == len(options):
         raise expected(path, " or ".join(known), value)
@@ -227,8 +248,9 @@ def parse_extend(data: Any, path: str = "extend") -> dict[str, float]:
     out = {}
     for key, value in data.items():
         if key == "params" or "[" in key or "]" in key:
-            raise ConfigError(f"{path}.{key}", "expected a plain new key such as "
-                              "gradient_norm_threshold")
+            raise ConfigError(
+                f"{path}.{key}", "expected a plain new key such as gradient_norm_threshold"
+            )
         out[key] = check_number(value, f"{path}.{key}")
     return out
 
@@ -263,12 +285,15 @@ def _construct(optimizer: Optimizer, spec: ScheduleSpec, path: str) -> LRSchedul
 def _registered_curve(spec: ScheduleSpec, path: str) -> Curve:
     curve = _REGISTRY[spec.name](**spec.args)
     if not callable(curve):
-        raise ConfigError(path, f"registered curve {spec.name!r} returned {curve!r}, "
-                                "not a function t -> multiplier")
+        raise ConfigError(
+            path,
+            f"registered curve {spec.name!r} returned {curve!r}, not a function t -> multiplier",
+        )
     first = curve(0)
     if not is_real(first) or not math.isfinite(first):
-        raise ConfigError(path, f"curve {spec.name!r} gave {show(first)} at t=0; "
-                                "expected a finite number")
+        raise ConfigError(
+            path, f"curve {spec.name!r} gave {show(first)} at t=0; expected a finite number"
+        )
     return curve
 
 
@@ -277,8 +302,9 @@ def _apply_extend(optimizer: Optimizer, extend: Mapping[str, float], path: str) 
         for i, group in enumerate(optimizer.param_groups):
             if key in group and group[key] != value:
                 raise ConfigError(
-                    f"{path}.{key}", f"the optimizer already has this key (param_groups[{i}] "
-                    f"holds {show(group[key])}); set it in the optimizer block, or schedule it"
+                    f"{path}.{key}",
+                    f"the optimizer already has this key (param_groups[{i}] "
+                    f"holds {show(group[key])}); set it in the optimizer block, or schedule it",
                 )
         extend_optimizer(optimizer, key, value)
 
@@ -326,8 +352,10 @@ def build_schedule(
         extend = parse_extend(data.get("extend"))
         schedules = parse_schedules(data.get("schedules"))
     if not isinstance(optimizer, Optimizer) or isinstance(optimizer, BoundOptimizer):
-        raise TypeError(f"build_schedule: optimizer must be a torch.optim.Optimizer, got "
-                        f"{type(optimizer).__name__}")
+        raise TypeError(
+            f"build_schedule: optimizer must be a torch.optim.Optimizer, got "
+            f"{type(optimizer).__name__}"
+        )
     built: list[LRScheduler] = []
     with unchanged_on_error(optimizer):
         try:

@@ -41,8 +41,9 @@ class ModelSection:
         for f in fields(self):
             check_int(getattr(self, f.name), f"model.{f.name}", min=f.metadata["min"])
         if self.d_model % self.n_heads:
-            raise expected("model.n_heads", f"a divisor of model.d_model ({self.d_model})",
-                           self.n_heads)
+            raise expected(
+                "model.n_heads", f"a divisor of model.d_model ({self.d_model})", self.n_heads
+            )
 
 
 @dataclass
@@ -202,4 +203,8 @@ class TrainConfig:
             return None
         if self.control.key is not None:
             return self.control.key
-        return "logical_batch_size" if self.control.kind == "logical_batch" else "gradient_norm_threshold"
+        return (
+            "logical_batch_size"
+            if self.control.kind == "logical_batch"
+            else "gradient_norm_threshold"
+        )

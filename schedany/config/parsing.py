@@ -129,7 +129,11 @@ def check_int(value: Any, path: str, *, min: int | None = None, gt: int | None =
 
 
 def check_number(
-    value: Any, path: str, *, min: float | None = None, gt: float | None = None,
+    value: Any,
+    path: str,
+    *,
+    min: float | None = None,
+    gt: float | None = None,
     lt: float | None = None,
 ) -> float:
     """A finite real number within bounds (:func:`schedany.errors.check_real`), else a
@@ -188,8 +192,9 @@ def from_mapping(cls: type[T], data: Any, path: str) -> T:
             raise unknown_key(path, key, fields)
     kwargs = {}
     for name, value in data.items():
-        kwargs[name] = _convert(value, hints[name], f"{path}.{name}" if path else name,
-                                fields[name].metadata)
+        kwargs[name] = _convert(
+            value, hints[name], f"{path}.{name}" if path else name, fields[name].metadata
+        )
     for name, f in fields.items():
         if (
             name not in kwargs
@@ -249,9 +254,10 @@ def _yaml_error(where: str, exc: yaml.YAMLError) -> ConfigError:
     at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
     if isinstance(exc, _RefusedTag):
         return ConfigError(
-            where, f"refused YAML tag {exc.tag}{at}: configs are read with "
+            where,
+            f"refused YAML tag {exc.tag}{at}: configs are read with "
             "yaml.safe_load, which never constructs Python objects or imports code; write "
-            "plain values (custom curves are registered from Python with register_curve)"
+            "plain values (custom curves are registered from Python with register_curve)",
         )
     return ConfigError(where, f"invalid YAML{at}: {getattr(exc, 'problem', None) or exc}")
 
@@ -283,8 +289,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     parts = key.strip().split(".")
     if not sep or not all(parts):
-        raise ConfigError(f"--set {text}", "expected KEY=VALUE with a dotted KEY, e.g. "
-                                           "train.steps=100")
+        raise ConfigError(
+            f"--set {text}", "expected KEY=VALUE with a dotted KEY, e.g. train.steps=100"
+        )
     return parts, _parse_yaml(raw, f"--set {text}")
 
 
@@ -301,10 +308,11 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[s
                 child = node[part] = {}
             elif not isinstance(child, dict):
                 where = ".".join(parts[: depth + 1])
-                raise ConfigError(where, f"is {show(child)}, not a mapping, so --set "
-                                         f"{'.'.join(parts)} cannot go inside it")
+                raise ConfigError(
+                    where,
+                    f"is {show(child)}, not a mapping, so --set "
+                    f"{'.'.join(parts)} cannot go inside it",
+                )
             node = child
         node[parts[-1]] = value
     return out
-
-

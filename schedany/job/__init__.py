@@ -13,4 +13,12 @@ Building blocks live in :mod:`schedany.job.model`, :mod:`schedany.job.data`,
 from .build import build_controller, build_model, build_run
 from .trainer import Report, Trainer, TrainResult, train
 
-__all__ = ["Report", "TrainResult", "Trainer", "build_controller", "build_model", "build_run", "train"]
+__all__ = [
+    "Report",
+    "TrainResult",
+    "Trainer",
+    "build_controller",
+    "build_model",
+    "build_run",
+    "train",
+]

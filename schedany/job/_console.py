@@ -41,8 +41,12 @@ class Console:
     """A tqdm bar (``bar``, or ``auto`` on a terminal) or plain lines, on rank 0 only."""
 
     def __init__(
-        self, mode: Literal["auto", "bar", "lines", "none"], total: int, initial: int,
-        enabled: bool, stream: TextIO | None = None,
+        self,
+        mode: Literal["auto", "bar", "lines", "none"],
+        total: int,
+        initial: int,
+        enabled: bool,
+        stream: TextIO | None = None,
     ) -> None:
         self.stream = stream or sys.stdout
         self.enabled = enabled and mode != "none"
@@ -57,10 +61,11 @@ class Console:
             except ImportError:  # tqdm is optional (schedany[progress])
                 tqdm = None
             if tqdm is not None:
-                self._bar = tqdm(total=total, initial=initial, file=self.stream,
-                                 dynamic_ncols=True, unit="step")
+                self._bar = tqdm(
+                    total=total, initial=initial, file=self.stream, dynamic_ncols=True, unit="step"
+                )
 
-    def update(self, step: int, postfix: Mapping[str, float] | None) -> None:
+    def update(self, postfix: Mapping[str, float] | None) -> None:
         """Advance the bar by one step; with ``postfix``, refresh its numbers."""
         if self._bar is not None:
             if postfix:

@@ -15,7 +15,8 @@ import torch
 
 
 def capture_rng_state() -> dict[str, Any]:
-    """This process's torch (CPU and CUDA), Python and (if imported) NumPy RNG states, as plain data."""
+    """This process's torch (CPU and CUDA), Python and (if imported) NumPy RNG states, as
+    plain data."""
     version, internal, gauss_next = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),

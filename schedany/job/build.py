@@ -34,6 +34,8 @@ def build_run(config: TrainConfig, model: nn.Module | None = None) -> Run:
     else:
         groups = model_lib.param_groups(model)
     return build_config_run(config, groups)
+
+
 def build_controller(config: TrainConfig, model: nn.Module, optimizer: Optimizer) -> Controller:
     """The controller of ``control.kind`` on ``model`` (plain, DDP or FSDP2), or None."""
     control = config.control

@@ -127,7 +127,8 @@ def _read_verified(ref: CheckpointRef) -> dict[str, bytes]:
         raise CheckpointError(f"checkpoint {ref.path}: manifest is not {_FORMAT}")
     if manifest.get("step") != ref.step:
         raise CheckpointError(
-            f"checkpoint {ref.path}: manifest says step {manifest.get('step')!r}, name says {ref.step}"
+            f"checkpoint {ref.path}: manifest says step {manifest.get('step')!r}, name says "
+            f"{ref.step}"
         )
     contents: dict[str, bytes] = {}
     for name, expected in manifest["files"].items():

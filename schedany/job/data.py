@@ -94,7 +94,9 @@ class Corpus:
         """Document ``index`` as a ``uint8`` view."""
         return self.data[self.offsets[index] : self.offsets[index + 1]]
 
-    def split(self, eval_fraction: float = DataSection.eval_fraction, seed: int = 0) -> tuple[Corpus, Corpus]:
+    def split(
+        self, eval_fraction: float = DataSection.eval_fraction, seed: int = 0
+    ) -> tuple[Corpus, Corpus]:
         """Split by document into ``(train, held_out)``.
 
         A document is held out when a hash of ``(seed, name)`` falls under
@@ -267,7 +269,8 @@ class MicroBatchSampler:
         """Resume at ``state["cursor"]`` with the saved seed (strict about keys and types)."""
         if set(state) != {"seed", "cursor"}:
             raise KeyError(
-                f"MicroBatchSampler.load_state_dict: expected keys ['cursor', 'seed'], got {sorted(state)}"
+                "MicroBatchSampler.load_state_dict: expected keys ['cursor', 'seed'], got "
+                f"{sorted(state)}"
             )
         for key in ("seed", "cursor"):
             check_integer(state[key], key, min=0, func="MicroBatchSampler.load_state_dict")

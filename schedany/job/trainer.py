@@ -94,9 +94,15 @@ class Trainer:
         self.config = config
         self.report = report
         train_cfg = config.train
-        if train_cfg.device and train_cfg.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError("train.device", f"{train_cfg.device!r} asked for, but CUDA is not "
-                                              "available on this machine")
+        if (
+            train_cfg.device
+            and train_cfg.device.startswith("cuda")
+            and not torch.cuda.is_available()
+        ):
+            raise ConfigError(
+                "train.device",
+                f"{train_cfg.device!r} asked for, but CUDA is not available on this machine",
+            )
         timeout = timedelta(minutes=config.distributed.timeout_minutes)
         self.env = init_distributed(train_cfg.device, timeout=timeout)
         self.device = self.env.device
@@ -117,11 +123,20 @@ class Trainer:
             raise ConfigError("data.path", str(exc)) from None
         rank, world = self.env.rank, self.env.world_size
         self.sampler = MicroBatchSampler(
-            train_docs, train_cfg.micro_batch_size, m.seq_len, seed=config.seed, rank=rank,
-            world_size=world, min_len=d.min_len,
+            train_docs,
+            train_cfg.micro_batch_size,
+            m.seq_len,
+            seed=config.seed,
+            rank=rank,
+            world_size=world,
+            min_len=d.min_len,
         )
         self.eval_set = eval_batches(
-            eval_docs, d.eval_batch_size, m.seq_len, max_windows=d.eval_windows, rank=rank,
+            eval_docs,
+            d.eval_batch_size,
+            m.seq_len,
+            max_windows=d.eval_windows,
+            rank=rank,
             world_size=world,
         )
         self.step = 0
@@ -209,7 +224,11 @@ class Trainer:
         directory = self.config.train.checkpoint_dir
         assert directory is not None
         ref = ckpt.save_checkpoint(
-            directory, self.step, self.model, self.optimizer, self._plain_state(),
+            directory,
+            self.step,
+            self.model,
+            self.optimizer,
+            self._plain_state(),
             rank_state={"rng": ckpt.capture_rng_state()},
             keep_last=self.config.train.keep_checkpoints,
         )
@@ -271,12 +290,14 @@ class Trainer:
         if rank0 and cfg.log_dir is not None:
             log_dir = Path(cfg.log_dir)
             metrics_file = MetricsFile(log_dir / "metrics.jsonl", resumed_from)
-            (log_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.config),
-                                                                 sort_keys=False))
+            (log_dir / "config.yaml").write_text(
+                yaml.safe_dump(config_to_dict(self.config), sort_keys=False)
+            )
             from ..integrations.tensorboard import ScheduleLogger
 
             logger = ScheduleLogger(
-                self.schedule, log_dir=str(log_dir),
+                self.schedule,
+                log_dir=str(log_dir),
                 purge_step=None if resumed_from is None else resumed_from + 1,
             )
         train_loss = eval_loss = None
@@ -306,7 +327,7 @@ class Trainer:
                 if metrics_file is not None:
                     metrics_file.write(step, micro_steps, record, losses)
                 headline = headline_values(record, micro_steps, losses) if losses else None
-                console.update(step, headline)
+                console.update(headline)
                 if headline:
                     console.log(step, headline)
                 saved = None
@@ -336,8 +357,9 @@ def _maybe_inject_fault(step: int, rank: int, checkpoint_dir: str | None) -> Non
     at = os.environ.get(FAULT_STEP_ENV)
     if at is None or int(at) != step or rank != int(os.environ.get(FAULT_RANK_ENV, "0")):
         return
-    marker = Path(os.environ.get(FAULT_MARKER_ENV)
-                  or Path(checkpoint_dir or ".") / ".fault_injected")
+    marker = Path(
+        os.environ.get(FAULT_MARKER_ENV) or Path(checkpoint_dir or ".") / ".fault_injected"
+    )
     if marker.exists():
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
@@ -346,7 +368,9 @@ def _maybe_inject_fault(step: int, rank: int, checkpoint_dir: str | None) -> Non
 
 
 def train(
-    config: TrainConfig, *, report: Report | None = None,
+    config: TrainConfig,
+    *,
+    report: Report | None = None,
     trainer_cls: Callable[..., Trainer] | None = None,
 ) -> TrainResult:
     """Run the reference job described by ``config`` (see :class:`Trainer`).
