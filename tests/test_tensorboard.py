@@ -252,8 +252,16 @@ def test_a_single_torch_scheduler_is_logged_as_lr(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"every_n_steps": 0}, ValueError, "every_n_steps must be an integer >= 1, got 0"),
-        ({"purge_step": -1}, ValueError, "purge_step must be an integer >= 0, got -1"),
+        (
+            {"every_n_steps": 0},
+            ValueError,
+            "ScheduleLogger requires every_n_steps to be an integer >= 1, got every_n_steps=0",
+        ),
+        (
+            {"purge_step": -1},
+            ValueError,
+            "ScheduleLogger requires purge_step to be an integer >= 0, got purge_step=-1",
+        ),
         ({"writer": object(), "log_dir": "x"}, ValueError, "either writer= or log_dir="),
         ({"controller": object()}, TypeError, "controller must have a metrics"),
     ],

@@ -27,6 +27,7 @@ from torch.optim import Optimizer
 
 from .._synchronous import SynchronousSchedule
 from ..config import ConfigError, TrainConfig, parse_config
+from ..errors import is_integer, is_real
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +38,7 @@ KINDS: tuple[str, ...] = get_args(Kind)
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return is_real(value) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -134,7 +131,7 @@ def parse_distribution(spec: Any, path: str) -> Distribution:
         raise ConfigError(where, f"expected [low, high], got {args!r}")
     low, high = args
     if kind == "randint":
-        if not (_is_int(low) and _is_int(high)):
+        if not (is_integer(low) and is_integer(high)):
             raise ConfigError(where, f"expected two integers [low, high], got {args!r}")
         if low > high:
             raise ConfigError(where, f"expected low <= high, got {args!r}")

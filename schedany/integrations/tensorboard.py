@@ -35,6 +35,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from .._record import Controller, StepRecord, schedule_tags
 from .._synchronous import SynchronousSchedule
+from ..errors import check_integer
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -122,20 +123,9 @@ class ScheduleLogger:
                 "ScheduleLogger: controller must have a metrics() method, "
                 f"got {type(controller).__name__}"
             )
-        if (
-            not isinstance(every_n_steps, int)
-            or isinstance(every_n_steps, bool)
-            or every_n_steps < 1
-        ):
-            raise ValueError(
-                f"ScheduleLogger: every_n_steps must be an integer >= 1, got {every_n_steps!r}"
-            )
-        if purge_step is not None and (
-            not isinstance(purge_step, int) or isinstance(purge_step, bool) or purge_step < 0
-        ):
-            raise ValueError(
-                f"ScheduleLogger: purge_step must be an integer >= 0, got {purge_step!r}"
-            )
+        check_integer(every_n_steps, "every_n_steps", min=1, func="ScheduleLogger")
+        if purge_step is not None:
+            check_integer(purge_step, "purge_step", min=0, func="ScheduleLogger")
         if writer is not None and (log_dir is not None or purge_step is not None):
             raise ValueError(
                 "ScheduleLogger: pass either writer= or log_dir=/purge_step=, not both "
