@@ -6,6 +6,7 @@ The package reads as a map of the problem:
 - ``_targets`` / ``_binding`` — where a schedule writes, and the proxy that lets a
   stock scheduler write there.
 - ``_synchronous`` — the coordinator that steps several schedules as one.
+- ``_clock`` — the training clock (steps, samples, tokens) schedules may count.
 - ``_builtins`` — the thirteen built-in schedules (curve + LambdaLR + bind).
 - ``_optimizer_utils`` — extend an optimizer with new keys, read them back.
 - :mod:`schedany.control` — reactive control loops that respond to scheduled values
@@ -32,6 +33,7 @@ from ._builtins import (
     sqrt_schedule_with_warmup,
     warmup_to_constant,
 )
+from ._clock import Clock
 from ._optimizer_utils import extend_optimizer, get_param_groups_regrouped_by_key
 from ._synchronous import SynchronousSchedule
 from .config import ConfigError, build_schedule, load_config, register_curve
@@ -42,6 +44,7 @@ __version__ = "0.1.0"
 __all__ = [
     "arbitrary_schedule_factory",
     "SynchronousSchedule",
+    "Clock",
     "extend_optimizer",
     "get_param_groups_regrouped_by_key",
     "cosine_annealing_with_warmup",

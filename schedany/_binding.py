@@ -17,10 +17,11 @@ from typing import Any
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from ._clock import Unit, check_unit
 from ._optimizer_utils import extend_optimizer
 from ._rollback import unchanged_on_error
 from ._targets import Target, parse_target
-from .errors import TargetValueError
+from .errors import TargetValueError, check_integer
 
 
 class _GroupView(dict):
@@ -93,9 +94,15 @@ class BoundOptimizer(Optimizer):
     it records that they looked (see :class:`_EmptyDefaults`).
     """
 
-    def __init__(self, optimizer: Optimizer, target: Target) -> None:
+    def __init__(
+        self, optimizer: Optimizer, target: Target, unit: Unit = "steps", every: int = 1
+    ) -> None:
         self.optimizer = optimizer
         self.target = target
+        # What one step() of the scheduler stands for (docs/clock.md): ``every`` of
+        # ``unit`` on the coordinator's clock.
+        self.unit = unit
+        self.every = every
         self.defaults = _EmptyDefaults()
         self.state: dict[Any, Any] = {}
         view = _GroupView if target.index is None else _ElementView
@@ -179,6 +186,13 @@ def _flag_setter(proxy_ref: weakref.ref[BoundOptimizer], *flags: str) -> Callabl
     return hook
 
 
+def bound_unit(scheduler: LRScheduler) -> tuple[Unit, int]:
+    """``(unit, every)``: one ``step()`` of ``scheduler`` per ``every`` of ``unit``; a raw
+    torch scheduler counts optimizer steps."""
+    proxy = scheduler.optimizer
+    return (proxy.unit, proxy.every) if isinstance(proxy, BoundOptimizer) else ("steps", 1)
+
+
 def bound_target(scheduler: LRScheduler) -> Target | None:
     """The target of a scheduler built by the factory, or None for a raw one."""
     proxy = scheduler.optimizer
@@ -195,6 +209,8 @@ def arbitrary_schedule_factory(
     schedule_factory: Callable[[Optimizer], LRScheduler],
     default_value: float | None = None,
     schedule_target: str = "lr",
+    unit: Unit = "steps",
+    every: int = 1,
 ) -> LRScheduler:
     """Build a stock torch scheduler that drives ``schedule_target`` instead of ``lr``.
 
@@ -204,6 +220,10 @@ def arbitrary_schedule_factory(
             It must build the scheduler on the proxy it is given.
         default_value: if the key is missing from a group, it is added first.
         schedule_target: a numeric param_group key or ``"key[index]"`` of a tuple key.
+        unit: what the scheduler's steps count: ``"steps"`` (optimizer steps),
+            ``"samples"`` or ``"tokens"``; a unit other than steps needs a
+            :class:`~schedany.SynchronousSchedule` with a clock (docs/clock.md).
+        every: the scheduler takes one ``step()`` per ``every`` of ``unit``.
 
     Returns:
         The scheduler itself (``isinstance(s, StepLR)`` holds), bound to a proxy.
@@ -234,6 +254,8 @@ def arbitrary_schedule_factory(
             f"schedule_factory must be callable (proxy -> scheduler), got {schedule_factory!r}"
         )
     target = parse_target(schedule_target)
+    unit = check_unit(unit, "arbitrary_schedule_factory")
+    every = check_integer(every, "every", min=1, func="arbitrary_schedule_factory")
 
     proxy: BoundOptimizer | None = None
     with unchanged_on_error(optimizer):
@@ -248,7 +270,7 @@ def arbitrary_schedule_factory(
                     )
                 extend_optimizer(optimizer, target.key, default_value)
             target.validate(optimizer)
-            proxy = BoundOptimizer(optimizer, target)
+            proxy = BoundOptimizer(optimizer, target, unit, every)
             return _build_on(proxy, schedule_factory)
         except BaseException:
             if proxy is not None:

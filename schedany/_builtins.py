@@ -4,6 +4,7 @@ initial_value * lambda(t)``; the formulas are in ``docs/api.md`` and in each cur
 docstring.
 
 The curve is built first, so a bad argument raises before the optimizer is touched.
+``unit`` says what ``t`` counts: optimizer steps, samples or tokens (docs/clock.md).
 """
 
 from __future__ import annotations
@@ -15,18 +16,24 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from . import curves
 from ._binding import arbitrary_schedule_factory
+from ._clock import Unit
 from .curves import Curve
 
 
 def bind_curve(
-    optimizer: Optimizer, curve: Curve, schedule_target: str = "lr", default_value: Any = None
+    optimizer: Optimizer,
+    curve: Curve,
+    schedule_target: str = "lr",
+    default_value: Any = None,
+    unit: Unit = "steps",
 ) -> LambdaLR:
-    """A ``LambdaLR`` running ``curve`` on ``schedule_target``."""
+    """A ``LambdaLR`` running ``curve`` on ``schedule_target``; ``t`` counts ``unit``."""
     return arbitrary_schedule_factory(  # type: ignore[return-value]
         optimizer,
         lambda proxy: LambdaLR(proxy, _once_per_step(curve)),
         default_value,
         schedule_target,
+        unit,
     )
 
 
@@ -54,12 +61,13 @@ def cosine_annealing_with_warmup(
     num_training_steps: int,
     schedule_target: str = "lr",
     default_value: Any = None,
+    unit: Unit = "steps",
 ) -> LambdaLR:
     """Bind :func:`schedany.curves.cosine_annealing_with_warmup` to ``schedule_target``."""
     curve = curves.cosine_annealing_with_warmup(
         warmup_to_value, anneal_to_value, num_warmup_steps, num_training_steps
     )
-    return bind_curve(optimizer, curve, schedule_target, default_value)
+    return bind_curve(optimizer, curve, schedule_target, default_value, unit)
 
 
 def cosine_annealing_with_inverse_warmup(
@@ -71,12 +79,13 @@ def cosine_annealing_with_inverse_warmup(
     warmup_multiplier: float = 20.0,
     schedule_target: str = "lr",
     default_value: Any = None,
+    unit: Unit = "steps",
 ) -> LambdaLR:
     """Bind :func:`schedany.curves.cosine_annealing_with_inverse_warmup` to ``schedule_target``."""
     curve = curves.cosine_annealing_with_inverse_warmup(
         warmup_to_value, anneal_to_value, num_warmup_steps, num_training_steps, warmup_multiplier
     )
-    return bind_curve(optimizer, curve, schedule_target, default_value)
+    return bind_curve(optimizer, curve, schedule_target, default_value, unit)
 
 
 def polynomial_schedule_with_warmup(
@@ -88,12 +97,13 @@ def polynomial_schedule_with_warmup(
     polynomial_exponent: float = 2.0,
     schedule_target: str = "lr",
     default_value: Any = None,
+    unit: Unit = "steps",
 ) -> LambdaLR:
     """Bind :func:`schedany.curves.polynomial_schedule_with_warmup` to ``schedule_target``."""
     curve = curves.polynomial_schedule_with_warmup(
         warmup_to_value, anneal_to_value, num_warmup_steps, num_training_steps, polynomial_exponent
     )
-    return bind_curve(optimizer, curve, schedule_target, default_value)
+    return bind_curve(optimizer, curve, schedule_target, default_value, unit)
 
 
 def polynomial_schedule_with_inverse_warmup(
@@ -106,6 +116,7 @@ def polynomial_schedule_with_inverse_warmup(
     warmup_multiplier: float = 20.0,
     schedule_target: str = "lr",
     default_value: Any = None,
+    unit: Unit = "steps",
 ) -> LambdaLR:
     """Bind :func:`schedany.curves.polynomial_schedule_with_inverse_warmup` to the target."""
     curve = curves.polynomial_schedule_with_inverse_warmup(
@@ -116,7 +127,7 @@ def polynomial_schedule_with_inverse_warmup(
         polynomial_exponent,
         warmup_multiplier,
     )
-    return bind_curve(optimizer, curve, schedule_target, default_value)
+    return bind_curve(optimizer, curve, schedule_target, default_value, unit)
 
 
 def linear_schedule_with_warmup(
@@ -127,12 +138,13 @@ def linear_schedule_with_warmup(
     num_training_steps: int,
     schedule_target: str = "lr",
     default_value: Any = None,
+    unit: Unit = "steps",
 ) -> LambdaLR:
     """Bind :func:`schedany.curves.linear_schedule_with_warmup` to ``schedule_target``."""
     curve = curves.linear_schedule_with_warmup(
         warmup_to_value, anneal_to_value, num_warmup_steps, num_training_steps
     )
-    return bind_curve(optimizer, curve, schedule_target, default_value)
+    return bind_curve(optimizer, curve, schedule_target, default_value, unit)
 
 
 def linear_schedule_with_inverse_warmup(
@@ -144,12 +156,13 @@ def linear_schedule_with_inverse_warmup(
     warmup_multiplier: float = 20.0,
     schedule_target: str = "lr",
     default_value: Any = None,
+    unit: Unit = "steps",
 ) -> LambdaLR:
     """Bind :func:`schedany.curves.linear_schedule_with_inverse_warmup` to ``schedule_target``."""
     curve = curves.linear_schedule_with_inverse_warmup(
         warmup_to_value, anneal_to_value, num_warmup_steps, num_training_steps, warmup_multiplier
     )
-    return bind_curve(optimizer, curve, schedule_target, default_value)
+    return bind_curve(optimizer, curve, schedule_target, default_value, unit)
 
 
 def quadratic_schedule_with_warmup(
@@ -160,12 +173,13 @@ def quadratic_schedule_with_warmup(
     num_training_steps: int,
     schedule_target: str = "lr",
     default_value: Any = None,
+    unit: Unit = "steps",
 ) -> LambdaLR:
     """Bind :func:`schedany.curves.quadratic_schedule_with_warmup` to ``schedule_target``."""
     curve = curves.quadratic_schedule_with_warmup(
         warmup_to_value, anneal_to_value, num_warmup_steps, num_training_steps
     )
-    return bind_curve(optimizer, curve, schedule_target, default_value)
+    return bind_curve(optimizer, curve, schedule_target, default_value, unit)
 
 
 def quadratic_schedule_with_inverse_warmup(
@@ -177,12 +191,13 @@ def quadratic_schedule_with_inverse_warmup(
     warmup_multiplier: float = 20.0,
     schedule_target: str = "lr",
     default_value: Any = None,
+    unit: Unit = "steps",
 ) -> LambdaLR:
     """Bind :func:`schedany.curves.quadratic_schedule_with_inverse_warmup` to the target."""
     curve = curves.quadratic_schedule_with_inverse_warmup(
         warmup_to_value, anneal_to_value, num_warmup_steps, num_training_steps, warmup_multiplier
     )
-    return bind_curve(optimizer, curve, schedule_target, default_value)
+    return bind_curve(optimizer, curve, schedule_target, default_value, unit)
 
 
 def sqrt_schedule_with_warmup(
@@ -193,12 +208,13 @@ def sqrt_schedule_with_warmup(
     num_training_steps: int,
     schedule_target: str = "lr",
     default_value: Any = None,
+    unit: Unit = "steps",
 ) -> LambdaLR:
     """Bind :func:`schedany.curves.sqrt_schedule_with_warmup` to ``schedule_target``."""
     curve = curves.sqrt_schedule_with_warmup(
         warmup_to_value, anneal_to_value, num_warmup_steps, num_training_steps
     )
-    return bind_curve(optimizer, curve, schedule_target, default_value)
+    return bind_curve(optimizer, curve, schedule_target, default_value, unit)
 
 
 def sqrt_schedule_with_inverse_warmup(
@@ -210,12 +226,13 @@ def sqrt_schedule_with_inverse_warmup(
     warmup_multiplier: float = 20.0,
     schedule_target: str = "lr",
     default_value: Any = None,
+    unit: Unit = "steps",
 ) -> LambdaLR:
     """Bind :func:`schedany.curves.sqrt_schedule_with_inverse_warmup` to ``schedule_target``."""
     curve = curves.sqrt_schedule_with_inverse_warmup(
         warmup_to_value, anneal_to_value, num_warmup_steps, num_training_steps, warmup_multiplier
     )
-    return bind_curve(optimizer, curve, schedule_target, default_value)
+    return bind_curve(optimizer, curve, schedule_target, default_value, unit)
 
 
 def constant_with_warmup(
@@ -224,10 +241,11 @@ def constant_with_warmup(
     num_warmup_steps: int,
     schedule_target: str = "lr",
     default_value: Any = None,
+    unit: Unit = "steps",
 ) -> LambdaLR:
     """Bind :func:`schedany.curves.constant_with_warmup` to ``schedule_target``."""
     curve = curves.constant_with_warmup(warmup_to_value, num_warmup_steps)
-    return bind_curve(optimizer, curve, schedule_target, default_value)
+    return bind_curve(optimizer, curve, schedule_target, default_value, unit)
 
 
 def constant_with_inverse_warmup(
@@ -237,20 +255,25 @@ def constant_with_inverse_warmup(
     warmup_multiplier: float = 20.0,
     schedule_target: str = "lr",
     default_value: Any = None,
+    unit: Unit = "steps",
 ) -> LambdaLR:
     """Bind :func:`schedany.curves.constant_with_inverse_warmup` to ``schedule_target``."""
     curve = curves.constant_with_inverse_warmup(
         warmup_to_value, num_warmup_steps, warmup_multiplier
     )
-    return bind_curve(optimizer, curve, schedule_target, default_value)
+    return bind_curve(optimizer, curve, schedule_target, default_value, unit)
 
 
 def constant_schedule(
-    optimizer: Optimizer, value: float, schedule_target: str = "lr", default_value: Any = None
+    optimizer: Optimizer,
+    value: float,
+    schedule_target: str = "lr",
+    default_value: Any = None,
+    unit: Unit = "steps",
 ) -> LambdaLR:
     """Bind :func:`schedany.curves.constant_schedule` to ``schedule_target``."""
     curve = curves.constant_schedule(value)
-    return bind_curve(optimizer, curve, schedule_target, default_value)
+    return bind_curve(optimizer, curve, schedule_target, default_value, unit)
 
 
 warmup_to_constant = constant_with_warmup

@@ -7,9 +7,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor
-from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler, ReduceLROnPlateau
 
-from ._binding import BoundOptimizer, bound_target, real_optimizer
+from ._binding import BoundOptimizer, bound_target, bound_unit, real_optimizer
+from ._clock import Clock
 from ._rollback import unchanged_on_error
 from ._targets import Target, parse_target
 
@@ -29,6 +30,9 @@ class SynchronousSchedule(LRScheduler):
 
     Args:
         schedules: the member schedulers, all on the same optimizer, one per name.
+        clock: the training clock (docs/clock.md). With one, :meth:`step` brings each
+            member to the clock's reading in its own unit, so members may count samples
+            or tokens; without one, every member counts optimizer steps.
 
     Example:
         >>> import torch, schedany
@@ -45,7 +49,9 @@ class SynchronousSchedule(LRScheduler):
         [0.5] [0.5]
     """
 
-    def __init__(self, schedules: Sequence[LRScheduler]) -> None:  # noqa: D107
+    def __init__(  # noqa: D107
+        self, schedules: Sequence[LRScheduler], clock: Clock | None = None
+    ) -> None:
         # LRScheduler.__init__ is not called: it would write initial_lr into the
         # user's param_groups and take a step of its own.
         if isinstance(schedules, LRScheduler) or not isinstance(schedules, Sequence):
@@ -75,8 +81,22 @@ class SynchronousSchedule(LRScheduler):
                     f"(schedules[{list(members).index(target.name)}] "
                     f"and schedules[{i}]); give each name one schedule"
                 )
+            unit, every = bound_unit(schedule)
+            if clock is None and (unit, every) != ("steps", 1):
+                raise ValueError(
+                    f"schedules[{i}] ({target.name!r}) steps once per {every} {unit}, which "
+                    "needs the training clock: SynchronousSchedule(schedules, clock=Clock())"
+                )
+            if isinstance(schedule, ReduceLROnPlateau) and unit != "steps":
+                raise ValueError(
+                    f"schedules[{i}] ({target.name!r}) is a ReduceLROnPlateau, which steps "
+                    f"once per metric; it cannot count {unit}"
+                )
             members[target.name] = schedule
             targets[target.name] = target
+        if clock is not None and not isinstance(clock, Clock):
+            raise TypeError(f"SynchronousSchedule: clock must be a Clock, got {clock!r}")
+        self.clock = clock
         self.optimizer = optimizer
         self._schedules = members
         self._targets = targets
@@ -94,19 +114,43 @@ class SynchronousSchedule(LRScheduler):
         return list(self._schedules)
 
     def step(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
-        """Step every member once. A metric (``step(val_loss)``) goes only to the
-        ReduceLROnPlateau members; the others always step without arguments."""
+        """Step every member once, or, with a clock, to the clock's reading in its own
+        unit. A metric (``step(val_loss)``) goes only to the ReduceLROnPlateau members;
+        the others always step without arguments."""
         if self._plateau and not (args or kwargs):
             names = [n for n, s in self._schedules.items() if isinstance(s, ReduceLROnPlateau)]
             raise TypeError(
                 f"SynchronousSchedule.step() needs a metric for its ReduceLROnPlateau "
                 f"schedule(s) {names}: call step(metric)"
             )
-        for schedule in self._others:
-            schedule.step()
+        if self.clock is None:
+            for schedule in self._others:
+                schedule.step()
+        else:
+            for name, schedule in self._schedules.items():
+                if not isinstance(schedule, ReduceLROnPlateau):
+                    self._catch_up(name, schedule, self.clock)
         for schedule in self._plateau:
             schedule.step(*args, **kwargs)
         self.last_epoch += 1
+
+    @staticmethod
+    def _catch_up(name: str, schedule: LRScheduler, clock: Clock) -> None:
+        """Bring ``schedule`` to ``clock.read(unit) // every`` steps in all."""
+        unit, every = bound_unit(schedule)
+        behind = clock.read(unit) // every - schedule.last_epoch
+        if behind < 0:
+            raise ValueError(
+                f"schedule {name!r} has taken {schedule.last_epoch} steps of {every} {unit}, "
+                f"but the clock reads {clock.read(unit)} {unit}: the clock went backwards"
+            )
+        if behind > 1 and isinstance(schedule, LambdaLR):
+            # A LambdaLR is a closed form of last_epoch: jump there in one step (a token
+            # unit may advance by thousands per optimizer step).
+            schedule.last_epoch += behind - 1
+            behind = 1
+        for _ in range(behind):
+            schedule.step()
 
     def get_last_schedule(self, name: str) -> list[float]:
         """The last value of schedule ``name``, one per param group."""
@@ -122,10 +166,13 @@ class SynchronousSchedule(LRScheduler):
 
     def state_dict(self) -> dict[str, Any]:
         """Each member's own state, its proxy bookkeeping, and the values it had set."""
-        return {
+        state = {
             "last_epoch": self.last_epoch,
             "schedules": {name: self._member_state(name) for name in self._schedules},
         }
+        if self.clock is not None:
+            state["clock"] = self.clock.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Strict: the saved names must equal this coordinator's names. Every scheduled
@@ -136,6 +183,13 @@ class SynchronousSchedule(LRScheduler):
                     f"SynchronousSchedule state_dict has no {field!r} entry (got "
                     f"{sorted(state_dict)})"
                 )
+        if ("clock" in state_dict) != (self.clock is not None):
+            saved_clock = "holds a clock" if "clock" in state_dict else "has no clock"
+            own_clock = "has one" if self.clock is not None else "has none"
+            raise KeyError(
+                f"SynchronousSchedule.load_state_dict: the state {saved_clock}, this "
+                f"schedule {own_clock}; build it with the same clock= as the saved one"
+            )
         saved = state_dict["schedules"]
         missing = [name for name in self._schedules if name not in saved]
         unknown = [name for name in saved if name not in self._schedules]
@@ -155,12 +209,17 @@ class SynchronousSchedule(LRScheduler):
         # A member can still fail half-way (a corrupt entry, a scheduler class that
         # changed since saving): undo the members already loaded, so nothing is lost.
         members_before = copy.deepcopy({name: self._member_state(name) for name in saved})
+        clock_before = None if self.clock is None else self.clock.state_dict()
         with unchanged_on_error(self.optimizer):
             try:
                 last_epoch = int(state_dict["last_epoch"])
+                if self.clock is not None:
+                    self.clock.load_state_dict(state_dict["clock"])
                 self._load_members(saved)
             except BaseException:
                 self._load_members(members_before, write_values=False)
+                if self.clock is not None and clock_before is not None:
+                    self.clock.load_state_dict(clock_before)
                 raise
         self.last_epoch = last_epoch
 

@@ -11,7 +11,7 @@ Every mistake is a :class:`ConfigError` whose message starts with the dotted pat
 """
 
 from ._load import config_to_dict, load_config, parse_config
-from ._schedule import Run, build_run, build_schedule, curve_names, register_curve, unregister_curve
+from ._schedule import Run, build_run, build_schedule
 from ._schema import (
     ControlSection,
     DataSection,
@@ -22,6 +22,7 @@ from ._schema import (
     TrainConfig,
     TrainSection,
 )
+from ._spec import curve_names, register_curve, unregister_curve
 from .parsing import ConfigError
 
 __all__ = [

@@ -16,7 +16,7 @@ from typing import Any
 
 from .._targets import is_numeric
 from ._optimizer import initial_value, parse_optimizer
-from ._schedule import parse_extend, parse_schedules
+from ._schedule import parse_extend
 from ._schema import (
     ControlSection,
     DataSection,
@@ -27,6 +27,7 @@ from ._schema import (
     TrainConfig,
     TrainSection,
 )
+from ._spec import parse_schedules
 from .parsing import (
     ConfigError,
     apply_overrides,
@@ -120,7 +121,12 @@ def load_config(path: str | os.PathLike[str], overrides: Iterable[str] = ()) -> 
 
 
 def _schedule_entry(spec: ScheduleSpec) -> dict[str, Any]:
-    return {spec.kind: spec.name, **spec.args}
+    entry = {spec.kind: spec.name, **spec.args}
+    if spec.unit != "steps":
+        entry["unit"] = spec.unit
+    if spec.every != 1:
+        entry["every"] = spec.every
+    return entry
 
 
 def _optimizer_entry(section: OptimizerSection) -> dict[str, Any]:

@@ -100,8 +100,8 @@ class ScheduleSpec:
 
     .. code-block:: yaml
 
-        lr: {curve: cosine_annealing_with_warmup, warmup_to_value: 1.0, ...}
-        weight_decay: {scheduler: StepLR, step_size: 30, gamma: 0.5}
+        lr: {curve: cosine_annealing_with_warmup, warmup_to_value: 1.0, ..., unit: tokens}
+        weight_decay: {scheduler: StepLR, step_size: 30, gamma: 0.5, unit: samples, every: 512}
     """
 
     target: str
@@ -113,6 +113,10 @@ class ScheduleSpec:
     """The curve's or the scheduler class's name."""
     args: dict[str, Any] = field(default_factory=dict)
     """Its keyword arguments (without the optimizer and the target)."""
+    unit: Literal["steps", "samples", "tokens"] = "steps"
+    """What the schedule's ``t`` counts: optimizer steps, samples or tokens (docs/clock.md)."""
+    every: int = 1
+    """``scheduler:`` entries: the torch scheduler takes one ``step()`` per ``every`` units."""
 
 
 @dataclass

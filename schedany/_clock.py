@@ -1,0 +1,83 @@
+"""The training clock: optimizer steps, samples and tokens seen since training began.
+
+A reactive control loop changes how much data one optimizer step consumes, so a
+schedule may count samples or tokens instead of steps (``docs/clock.md``). The clock is
+advanced once per optimizer step with that step's global counts; a
+:class:`~schedany.SynchronousSchedule` built with it brings each member to the clock's
+reading in the member's own unit.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, get_args
+
+from .errors import ArgumentValueError, check_integer
+
+Unit = Literal["steps", "samples", "tokens"]
+UNITS: tuple[str, ...] = get_args(Unit)
+
+
+def check_unit(unit: Any, func: str) -> Unit:
+    """``unit`` if it is one of :data:`UNITS`, else an :class:`ArgumentValueError`."""
+    if not isinstance(unit, str) or unit not in UNITS:
+        raise ArgumentValueError(func, "unit", unit, "one of " + ", ".join(UNITS))
+    return unit  # type: ignore[return-value]
+
+
+class Clock:
+    """Totals since the start of training: optimizer steps, samples and tokens.
+
+    >>> clock = Clock()
+    >>> clock.advance(samples=8, tokens=1000)
+    >>> clock.advance(samples=16, tokens=1900)
+    >>> clock.steps, clock.samples, clock.tokens, clock.read("tokens")
+    (2, 24, 2900, 2900)
+    """
+
+    __slots__ = ("_counts",)
+
+    def __init__(self) -> None:
+        self._counts = dict.fromkeys(UNITS, 0)
+
+    def advance(self, samples: int = 0, tokens: int = 0) -> None:
+        """One optimizer step that consumed ``samples`` and ``tokens``, summed over all
+        ranks. Call it after ``optimizer.step()`` and before ``schedule.step()``."""
+        samples = check_integer(samples, "samples", min=0, func="Clock.advance")
+        tokens = check_integer(tokens, "tokens", min=0, func="Clock.advance")
+        counts = self._counts
+        counts["steps"] += 1
+        counts["samples"] += samples
+        counts["tokens"] += tokens
+
+    @property
+    def steps(self) -> int:
+        return self._counts["steps"]
+
+    @property
+    def samples(self) -> int:
+        return self._counts["samples"]
+
+    @property
+    def tokens(self) -> int:
+        return self._counts["tokens"]
+
+    def read(self, unit: Unit) -> int:
+        """The total in ``unit``: ``"steps"``, ``"samples"`` or ``"tokens"``."""
+        return self._counts[check_unit(unit, "Clock.read")]
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(self._counts)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Strict: exactly the keys steps, samples, tokens, each an integer >= 0."""
+        if not isinstance(state_dict, dict) or set(state_dict) != set(UNITS):
+            got = sorted(state_dict) if isinstance(state_dict, dict) else state_dict
+            raise KeyError(f"Clock.load_state_dict: expected keys {sorted(UNITS)}, got {got}")
+        counts = {
+            unit: check_integer(state_dict[unit], unit, min=0, func="Clock.load_state_dict")
+            for unit in UNITS
+        }
+        self._counts = counts
+
+    def __repr__(self) -> str:
+        return f"Clock(steps={self.steps}, samples={self.samples}, tokens={self.tokens})"
