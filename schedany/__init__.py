@@ -7,7 +7,7 @@ The package reads as a map of the problem:
   stock scheduler write there.
 - ``_synchronous`` — the coordinator that steps several schedules as one.
 - ``_clock`` — the training clock (steps, samples, tokens) schedules may count.
-- ``_builtins`` — the thirteen built-in schedules (curve + LambdaLR + bind).
+- ``_builtins`` — the fourteen built-in schedules (curve + LambdaLR + bind).
 - ``_optimizer_utils`` — extend an optimizer with new keys, read them back.
 - :mod:`schedany.control` — reactive control loops that respond to scheduled values
   (logical batch size, gradient norm threshold), exact under DDP and FSDP2.
@@ -31,6 +31,7 @@ from ._builtins import (
     quadratic_schedule_with_warmup,
     sqrt_schedule_with_inverse_warmup,
     sqrt_schedule_with_warmup,
+    warmup_stable_decay,
     warmup_to_constant,
 )
 from ._clock import Clock
@@ -61,6 +62,7 @@ __all__ = [
     "constant_with_inverse_warmup",
     "constant_schedule",
     "warmup_to_constant",
+    "warmup_stable_decay",
     "LogicalBatchSize",
     "GradientNormThreshold",
     "build_schedule",

@@ -17,7 +17,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from . import curves
 from ._binding import arbitrary_schedule_factory
 from ._clock import Unit
-from .curves import Curve
+from .curves import Curve, DecayShape
 
 
 def bind_curve(
@@ -273,6 +273,30 @@ def constant_schedule(
 ) -> LambdaLR:
     """Bind :func:`schedany.curves.constant_schedule` to ``schedule_target``."""
     curve = curves.constant_schedule(value)
+    return bind_curve(optimizer, curve, schedule_target, default_value, unit)
+
+
+def warmup_stable_decay(
+    optimizer: Optimizer,
+    warmup_to_value: float,
+    anneal_to_value: float,
+    num_warmup_steps: int,
+    num_training_steps: int,
+    num_decay_steps: int,
+    decay_shape: DecayShape = "linear",
+    schedule_target: str = "lr",
+    default_value: Any = None,
+    unit: Unit = "steps",
+) -> LambdaLR:
+    """Bind :func:`schedany.curves.warmup_stable_decay` to ``schedule_target``."""
+    curve = curves.warmup_stable_decay(
+        warmup_to_value,
+        anneal_to_value,
+        num_warmup_steps,
+        num_training_steps,
+        num_decay_steps,
+        decay_shape,
+    )
     return bind_curve(optimizer, curve, schedule_target, default_value, unit)
 
 

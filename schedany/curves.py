@@ -11,8 +11,8 @@ Notation (shared by every curve; see ``docs/api.md``):
 ``R`` = ``warmup_multiplier``.
 
 Every curve is one warmup phase joined to one anneal phase and a clamped tail; the
-formula is written once, in :func:`warmup_anneal_curve`. Each built-in schedule has a
-curve of the same name and arguments here (:data:`BUILTIN_CURVES`).
+formula is written once, in :func:`warmup_anneal_curve` (:func:`warmup_stable_decay` adds a
+stable phase). Each built-in schedule has a curve of the same name and arguments here.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ __all__ = [
     "Curve",
     "WarmupKind",
     "AnnealKind",
+    "DecayShape",
     "warmup_anneal_curve",
     "constant_curve",
     "cosine_annealing_with_warmup",
@@ -42,12 +43,15 @@ __all__ = [
     "constant_with_warmup",
     "constant_with_inverse_warmup",
     "constant_schedule",
+    "warmup_stable_decay",
     "BUILTIN_CURVES",
 ]
 
 Curve = Callable[[int], float]
+Shape = Callable[[float], float]  # p in [0, 1] -> the fraction of W - A still left
 WarmupKind = Literal["normal", "inverse"]
 AnnealKind = Literal["cosine", "polynomial", "constant"]
+DecayShape = Literal["linear", "cosine", "sqrt"]
 
 
 def warmup_anneal_curve(
@@ -98,14 +102,7 @@ def warmup_anneal_curve(
     if anneal == "constant":
         return _then_constant(warm, L, W)
 
-    A = check_real(anneal_to_value, "anneal_to_value", func=func)
-    M = check_integer(num_training_steps, "num_training_steps", min=0, func=func)
-    if M == 0:
-        raise ArgumentValueError(func, "num_training_steps", M, "an integer > 0 when annealing")
-    if M < L:
-        raise ArgumentValueError(
-            func, "num_training_steps", M, f"an integer >= num_warmup_steps ({L})"
-        )
+    A, M = _anneal_end(func, anneal_to_value, num_training_steps, L)
     if anneal == "cosine":
         shape = _cosine_shape
     elif anneal == "polynomial":
@@ -124,11 +121,7 @@ def constant_curve(value: float, *, func: str = "constant_curve") -> Curve:
     0.5
     """
     value = check_real(value, "value", func=func)
-
-    def curve(t: int) -> float:
-        return value
-
-    return curve
+    return lambda t: value
 
 
 # --- the built-in curves, one per built-in schedule of the same name -------------------
@@ -151,9 +144,8 @@ def cosine_annealing_with_inverse_warmup(
 ) -> Curve:
     """Inverse warmup ``W (R - (R-1) t / L)`` down to ``W``, then half-cosine to ``A``."""
     steps = warmup_to_value, anneal_to_value, num_warmup_steps, num_training_steps
-    return _warmup_anneal(
-        "cosine_annealing_with_inverse_warmup", "cosine", "inverse", *steps, 1.0, warmup_multiplier
-    )
+    name = "cosine_annealing_with_inverse_warmup"
+    return _warmup_anneal(name, "cosine", "inverse", *steps, 1.0, warmup_multiplier)
 
 
 def polynomial_schedule_with_warmup(
@@ -165,9 +157,8 @@ def polynomial_schedule_with_warmup(
 ) -> Curve:
     """Linear warmup ``W t / L``, then ``A + (W - A)(1 - p)^P``, then ``A``."""
     steps = warmup_to_value, anneal_to_value, num_warmup_steps, num_training_steps
-    return _warmup_anneal(
-        "polynomial_schedule_with_warmup", "polynomial", "normal", *steps, polynomial_exponent, 20.0
-    )
+    name = "polynomial_schedule_with_warmup"
+    return _warmup_anneal(name, "polynomial", "normal", *steps, polynomial_exponent, 20.0)
 
 
 def polynomial_schedule_with_inverse_warmup(
@@ -180,14 +171,8 @@ def polynomial_schedule_with_inverse_warmup(
 ) -> Curve:
     """Inverse warmup ``W (R - (R-1) t / L)``, then ``A + (W - A)(1 - p)^P``, then ``A``."""
     steps = warmup_to_value, anneal_to_value, num_warmup_steps, num_training_steps
-    return _warmup_anneal(
-        "polynomial_schedule_with_inverse_warmup",
-        "polynomial",
-        "inverse",
-        *steps,
-        polynomial_exponent,
-        warmup_multiplier,
-    )
+    name, P, R = "polynomial_schedule_with_inverse_warmup", polynomial_exponent, warmup_multiplier
+    return _warmup_anneal(name, "polynomial", "inverse", *steps, P, R)
 
 
 def linear_schedule_with_warmup(
@@ -207,14 +192,8 @@ def linear_schedule_with_inverse_warmup(
 ) -> Curve:
     """The polynomial schedule with inverse warmup and ``P = 1``."""
     steps = warmup_to_value, anneal_to_value, num_warmup_steps, num_training_steps
-    return _warmup_anneal(
-        "linear_schedule_with_inverse_warmup",
-        "polynomial",
-        "inverse",
-        *steps,
-        1.0,
-        warmup_multiplier,
-    )
+    name = "linear_schedule_with_inverse_warmup"
+    return _warmup_anneal(name, "polynomial", "inverse", *steps, 1.0, warmup_multiplier)
 
 
 def quadratic_schedule_with_warmup(
@@ -222,9 +201,8 @@ def quadratic_schedule_with_warmup(
 ) -> Curve:
     """The polynomial schedule with ``P = 2``."""
     steps = warmup_to_value, anneal_to_value, num_warmup_steps, num_training_steps
-    return _warmup_anneal(
-        "quadratic_schedule_with_warmup", "polynomial", "normal", *steps, 2.0, 20.0
-    )
+    name = "quadratic_schedule_with_warmup"
+    return _warmup_anneal(name, "polynomial", "normal", *steps, 2.0, 20.0)
 
 
 def quadratic_schedule_with_inverse_warmup(
@@ -236,14 +214,8 @@ def quadratic_schedule_with_inverse_warmup(
 ) -> Curve:
     """The polynomial schedule with inverse warmup and ``P = 2``."""
     steps = warmup_to_value, anneal_to_value, num_warmup_steps, num_training_steps
-    return _warmup_anneal(
-        "quadratic_schedule_with_inverse_warmup",
-        "polynomial",
-        "inverse",
-        *steps,
-        2.0,
-        warmup_multiplier,
-    )
+    name = "quadratic_schedule_with_inverse_warmup"
+    return _warmup_anneal(name, "polynomial", "inverse", *steps, 2.0, warmup_multiplier)
 
 
 def sqrt_schedule_with_warmup(
@@ -263,9 +235,8 @@ def sqrt_schedule_with_inverse_warmup(
 ) -> Curve:
     """The polynomial schedule with inverse warmup and ``P = 0.5``."""
     steps = warmup_to_value, anneal_to_value, num_warmup_steps, num_training_steps
-    return _warmup_anneal(
-        "sqrt_schedule_with_inverse_warmup", "polynomial", "inverse", *steps, 0.5, warmup_multiplier
-    )
+    name = "sqrt_schedule_with_inverse_warmup"
+    return _warmup_anneal(name, "polynomial", "inverse", *steps, 0.5, warmup_multiplier)
 
 
 def constant_with_warmup(warmup_to_value: float, num_warmup_steps: int) -> Curve:
@@ -286,6 +257,46 @@ def constant_with_inverse_warmup(
 def constant_schedule(value: float) -> Curve:
     """``lambda(t) = value``."""
     return constant_curve(value, func="constant_schedule")
+
+
+def warmup_stable_decay(
+    warmup_to_value: float,
+    anneal_to_value: float,
+    num_warmup_steps: int,
+    num_training_steps: int,
+    num_decay_steps: int,
+    decay_shape: DecayShape = "linear",
+) -> Curve:
+    r"""Warmup, a stable phase at ``W``, then a decay to ``A`` over the last ``D`` steps.
+
+    .. math::
+
+        \lambda(t) = \begin{cases}
+            W t / L & t < L \\
+            W & L \le t < S \\
+            A + (W - A) \cdot \mathrm{shape}(p) & S \le t < M \\
+            A & t \ge M
+        \end{cases}
+
+    ``shape(p)`` is ``1 - p`` (linear), ``(1 + cos(pi p)) / 2`` (cosine) or ``1 - sqrt(p)``
+    (sqrt); ``S = M - D`` with ``0 <= D <= M - L``, and ``p = (t - S) / D``.
+
+    >>> [round(warmup_stable_decay(1.0, 0.0, 2, 6, 2)(t), 3) for t in range(8)]
+    [0.0, 0.5, 1.0, 1.0, 1.0, 0.5, 0.0, 0.0]
+    """
+    func = "warmup_stable_decay"
+    W = check_real(warmup_to_value, "warmup_to_value", func=func)
+    L = check_integer(num_warmup_steps, "num_warmup_steps", min=0, func=func)
+    A, M = _anneal_end(func, anneal_to_value, num_training_steps, L)
+    D = check_integer(num_decay_steps, "num_decay_steps", min=0, func=func)
+    if D > M - L:
+        expected = f"an integer <= num_training_steps - num_warmup_steps ({M - L})"
+        raise ArgumentValueError(func, "num_decay_steps", D, expected)
+    if not isinstance(decay_shape, str) or decay_shape not in _DECAY_SHAPES:
+        raise ArgumentValueError(func, "decay_shape", decay_shape, "'linear', 'cosine' or 'sqrt'")
+    # The stable phase is the constant tail of the warmup; the decay is an anneal from S.
+    warm_then_stable = _then_constant(_linear_warmup(W, L), L, W)
+    return _then_anneal(warm_then_stable, M - D, M, W, A, _DECAY_SHAPES[decay_shape])
 
 
 def _warmup_anneal(
@@ -327,6 +338,7 @@ BUILTIN_CURVES: dict[str, Callable[..., Curve]] = {
     "constant_with_inverse_warmup": constant_with_inverse_warmup,
     "constant_schedule": constant_schedule,
     "warmup_to_constant": constant_with_warmup,
+    "warmup_stable_decay": warmup_stable_decay,
 }
 """Every built-in schedule's curve by the built-in's name (``warmup_to_constant`` is the
 alias of ``constant_with_warmup``)."""
@@ -335,30 +347,31 @@ alias of ``constant_with_warmup``)."""
 # --- the pieces every curve is joined from ---------------------------------------------
 
 
-def _linear_warmup(W: float, L: int) -> Curve:
-    def warm(t: int) -> float:
-        return W * t / L
+def _anneal_end(func: str, A: float, M: int, L: int) -> tuple[float, int]:
+    """Check the anneal's end: ``A`` finite, ``M`` an integer > 0 and >= ``L``."""
+    A = check_real(A, "anneal_to_value", func=func)
+    M = check_integer(M, "num_training_steps", min=0, func=func)
+    if M == 0:
+        raise ArgumentValueError(func, "num_training_steps", M, "an integer > 0 when annealing")
+    if M < L:
+        expected = f"an integer >= num_warmup_steps ({L})"
+        raise ArgumentValueError(func, "num_training_steps", M, expected)
+    return A, M
 
-    return warm
+
+def _linear_warmup(W: float, L: int) -> Curve:
+    return lambda t: W * t / L
 
 
 def _inverse_warmup(W: float, L: int, R: float) -> Curve:
-    def warm(t: int) -> float:
-        return W * (R - (R - 1.0) * t / L)
-
-    return warm
+    return lambda t: W * (R - (R - 1.0) * t / L)
 
 
 def _then_constant(warm: Curve, L: int, W: float) -> Curve:
-    def curve(t: int) -> float:
-        return warm(t) if t < L else W
-
-    return curve
+    return lambda t: warm(t) if t < L else W
 
 
-def _then_anneal(
-    warm: Curve, L: int, M: int, W: float, A: float, shape: Callable[[float], float]
-) -> Curve:
+def _then_anneal(warm: Curve, L: int, M: int, W: float, A: float, shape: Shape) -> Curve:
     span = M - L
 
     def curve(t: int) -> float:
@@ -375,8 +388,12 @@ def _cosine_shape(p: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * p))
 
 
-def _polynomial_shape(power: float) -> Callable[[float], float]:
-    def shape(p: float) -> float:
-        return (1.0 - p) ** power
+def _polynomial_shape(power: float) -> Shape:
+    return lambda p: (1.0 - p) ** power
 
-    return shape
+
+_DECAY_SHAPES: dict[str, Shape] = {
+    "linear": lambda p: 1.0 - p,
+    "cosine": _cosine_shape,
+    "sqrt": lambda p: 1.0 - math.sqrt(p),  # 1 - sqrt(p), not sqrt(1 - p) as in the sqrt anneal
+}

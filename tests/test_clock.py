@@ -25,6 +25,8 @@ ARGS = dict(
     polynomial_exponent=1.7,
     warmup_multiplier=3.0,
     value=0.7,
+    num_decay_steps=1500,
+    decay_shape="cosine",
 )
 
 

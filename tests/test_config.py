@@ -106,6 +106,47 @@ def test_spec_from_a_yaml_file(tmp_path):
     assert schedule.get_last_schedule("weight_decay") == [0.05, 0.0]
 
 
+WSD = {
+    "curve": "warmup_stable_decay",
+    "warmup_to_value": 1.0,
+    "anneal_to_value": 0.1,
+    "num_warmup_steps": 2,
+    "num_training_steps": 9,
+    "num_decay_steps": 4,
+}
+
+
+def test_warmup_stable_decay_from_a_yaml_file_is_the_python_spelling(tmp_path):
+    """A built-in is usable from a file by its name, on lr and on any other key."""
+    path = tmp_path / "wsd.yaml"
+    path.write_text(
+        "schedules:\n"
+        "  lr: {curve: warmup_stable_decay, warmup_to_value: 1.0, anneal_to_value: 0.1,\n"
+        "       num_warmup_steps: 2, num_training_steps: 9, num_decay_steps: 4}\n"
+        "  weight_decay: {curve: warmup_stable_decay, warmup_to_value: 1.0,\n"
+        "                 anneal_to_value: 0.5, num_warmup_steps: 0, num_training_steps: 9,\n"
+        "                 num_decay_steps: 3, decay_shape: sqrt}\n"
+    )
+    opt_a = adamw()
+    got = build_schedule(opt_a, path)
+    opt_b = adamw()
+    want = schedany.SynchronousSchedule(
+        [
+            schedany.warmup_stable_decay(opt_b, 1.0, 0.1, 2, 9, 4),
+            schedany.warmup_stable_decay(
+                opt_b, 1.0, 0.5, 0, 9, 3, "sqrt", schedule_target="weight_decay"
+            ),
+        ]
+    )
+    names = ["lr", "weight_decay"]
+    assert got.schedule_names == names
+    traced = trace(opt_a, got, names)
+    assert traced == trace(opt_b, want, names)
+    # lr starts at 1.0, so it is λ(t): warmup to t = 2, stable to S = 9 - 4, linear decay
+    expected = [0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 0.775, 0.55, 0.325, 0.1, 0.1, 0.1]
+    assert [v["lr"][0] for v in traced] == pytest.approx(expected, rel=0, abs=1e-12)
+
+
 def test_registered_curve_is_usable_and_its_arguments_checked():
     register_curve("halving", lambda every: lambda t: 0.5 ** (t // every))
     try:
@@ -249,6 +290,24 @@ BAD_SPECS = [
             }
         },
         r"^schedules\.lr\.polynomial_exponent: expected a finite number > 0, got 0",
+    ),
+    (
+        {"schedules": {"lr": {**WSD, "num_decay_steps": 8}}},
+        r"^schedules\.lr\.num_decay_steps: expected an integer <= num_training_steps - "
+        r"num_warmup_steps \(7\), got 8$",
+    ),
+    (
+        {"schedules": {"lr": {**WSD, "num_decay_steps": -1}}},
+        r"^schedules\.lr\.num_decay_steps: expected an integer >= 0, got -1$",
+    ),
+    (
+        {"schedules": {"weight_decay": {**WSD, "decay_shape": "exp"}}},
+        r"^schedules\.weight_decay\.decay_shape: expected 'linear', 'cosine' or 'sqrt', "
+        r"got 'exp'$",
+    ),
+    (
+        {"schedules": {"lr": {k: v for k, v in WSD.items() if k != "num_decay_steps"}}},
+        r"^schedules\.lr\.num_decay_steps: required by curve 'warmup_stable_decay' but missing",
     ),
 ]
 

@@ -18,7 +18,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import schedany
-from schedany.curves import BUILTIN_CURVES, constant_curve, warmup_anneal_curve
+from schedany.curves import (
+    BUILTIN_CURVES,
+    constant_curve,
+    warmup_anneal_curve,
+    warmup_stable_decay,
+)
 
 L, M = 10, 110
 TS = (0, 1, L - 1, L, L + 1, (L + M) // 2, M - 1, M, M + 1, 2 * M)
@@ -174,8 +179,8 @@ def _pure_curve(name: str) -> Callable[[int], float]:
 
 
 def test_every_builtin_has_a_table():
-    assert sorted(CASES) == sorted(BUILTIN_NAMES)
-    assert len(BUILTIN_NAMES) == 14  # 13 built-ins + the warmup_to_constant alias
+    assert sorted([*CASES, "warmup_stable_decay"]) == sorted(BUILTIN_NAMES)  # WSD: WSD_CASES
+    assert len(BUILTIN_NAMES) == 15  # 14 built-ins + the warmup_to_constant alias
 
 
 def test_tables_are_informative():
@@ -214,9 +219,13 @@ def _optimizer() -> torch.optim.AdamW:
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_bound_schedule_matches_table(name: str):
+    _assert_bound_matches(name, CASES[name].args, dict(zip(TS, CASES[name].expected)))
+
+
+def _assert_bound_matches(name: str, args: dict[str, Any], expected: dict[int, float]) -> None:
+    """The built-in ``name`` on weight_decay and on betas[0] is initial × λ(t) at every
+    ``t`` of ``expected``, in both groups."""
     builtin = getattr(schedany, name)
-    args = CASES[name].args
-    expected = dict(zip(TS, CASES[name].expected))
     optimizer = _optimizer()
     on_wd = builtin(optimizer, **args, schedule_target="weight_decay")
     on_beta1 = builtin(optimizer, **args, schedule_target="betas[0]")
@@ -266,6 +275,140 @@ def test_no_warmup_starts_at_W():
     assert [curve(t) for t in range(6)] == pytest.approx(
         [0.8, 0.65, 0.5, 0.35, 0.2, 0.2], rel=0, abs=TOL
     )
+
+
+# ---- warmup_stable_decay ------------------------------------------------------------
+
+# L = 10, M = 110 as above, D = 40: the decay starts at S = 70. Same mpmath recipe.
+D = 40
+S = M - D
+WSD_TS = (0, 1, L - 1, L, L + 1, S - 1, S, S + 1, S + D // 4, S + D // 2, M - 1, M, M + 1, 2 * M)
+
+# decay_shape -> (W, A, λ(WSD_TS))
+WSD_CASES: dict[str, tuple[float, float, tuple[float, ...]]] = {
+    "linear": (
+        0.9,
+        0.03,
+        (0.0, 0.09, 0.81, 0.9, 0.9, 0.9, 0.9, 0.87825, 0.6825, 0.465, 0.05175, 0.03, 0.03, 0.03),
+    ),
+    "cosine": (
+        0.6,
+        0.05,
+        (
+            *(0.0, 0.06, 0.54, 0.6, 0.6, 0.6, 0.6),
+            *(0.59915226677661019, 0.51945436482630057, 0.325, 0.050847733223389807),
+            *(0.05, 0.05, 0.05),
+        ),
+    ),
+    # A > W: the decay climbs; 1 - sqrt(p), so λ(S + D/4) is exactly halfway.
+    "sqrt": (
+        0.35,
+        0.8,
+        (
+            *(0.0, 0.035, 0.315, 0.35, 0.35, 0.35, 0.35),
+            *(0.42115124735378853, 0.575, 0.66819805153394639, 0.79433939730795873),
+            *(0.8, 0.8, 0.8),
+        ),
+    ),
+}
+
+# Short tables at the ends of the range of D (same recipe): (args, λ(0), λ(1), ...).
+WSD_EDGES: dict[str, tuple[dict[str, Any], tuple[float, ...]]] = {
+    # D = 0: no decay phase, λ jumps from W to A at M.
+    "D = 0": (
+        dict(
+            warmup_to_value=0.8,
+            anneal_to_value=0.1,
+            num_warmup_steps=2,
+            num_training_steps=6,
+            num_decay_steps=0,
+        ),
+        (0.0, 0.4, 0.8, 0.8, 0.8, 0.8, 0.1, 0.1, 0.1),
+    ),
+    # D = M - L: no stable phase, the decay starts right after warmup.
+    "D = M - L": (
+        dict(
+            warmup_to_value=0.8,
+            anneal_to_value=0.2,
+            num_warmup_steps=2,
+            num_training_steps=6,
+            num_decay_steps=4,
+            decay_shape="cosine",
+        ),
+        (0.0, 0.4, 0.8, 0.71213203435596426, 0.5, 0.28786796564403574, 0.2, 0.2, 0.2),
+    ),
+    # L = 0 and D = M: the whole run is the decay.
+    "L = 0, D = M": (
+        dict(
+            warmup_to_value=0.8,
+            anneal_to_value=0.2,
+            num_warmup_steps=0,
+            num_training_steps=4,
+            num_decay_steps=4,
+            decay_shape="sqrt",
+        ),
+        (0.8, 0.5, 0.37573593128807149, 0.28038475772933681, 0.2, 0.2, 0.2),
+    ),
+}
+
+
+def _wsd_args(shape: str) -> dict[str, Any]:
+    W, A, _ = WSD_CASES[shape]
+    return dict(
+        warmup_to_value=W,
+        anneal_to_value=A,
+        num_warmup_steps=L,
+        num_training_steps=M,
+        num_decay_steps=D,
+        decay_shape=shape,
+    )
+
+
+def test_wsd_tables_are_informative():
+    """Outside the stable phase (W from L to S) and the clamped tail (A), values are pairwise
+    distinct, so an off-by-one in t, L, S or M, or a swapped W/A, cannot pass unnoticed."""
+    for shape, (W, A, expected) in WSD_CASES.items():
+        moving = [v for t, v in zip(WSD_TS, expected) if t < L or S < t < M]
+        assert len(set(moving)) == len(moving), shape
+        assert [v for t, v in zip(WSD_TS, expected) if L <= t <= S] == [W] * 4, shape
+        assert [v for t, v in zip(WSD_TS, expected) if t >= M] == [A] * 3, shape
+
+
+@pytest.mark.parametrize("shape", list(WSD_CASES))
+def test_wsd_pure_curve_matches_table(shape: str):
+    curve = warmup_stable_decay(**_wsd_args(shape))
+    got = [curve(t) for t in WSD_TS]
+    assert got == pytest.approx(list(WSD_CASES[shape][2]), rel=0, abs=TOL)
+
+
+@pytest.mark.parametrize("shape", list(WSD_CASES))
+def test_wsd_bound_schedule_matches_table(shape: str):
+    _assert_bound_matches(
+        "warmup_stable_decay", _wsd_args(shape), dict(zip(WSD_TS, WSD_CASES[shape][2]))
+    )
+
+
+@pytest.mark.parametrize("edge", list(WSD_EDGES))
+def test_wsd_edges_of_num_decay_steps(edge: str):
+    args, expected = WSD_EDGES[edge]
+    curve = warmup_stable_decay(**args)
+    assert [curve(t) for t in range(len(expected))] == pytest.approx(expected, rel=0, abs=TOL)
+    _assert_bound_matches("warmup_stable_decay", args, dict(enumerate(expected)))
+
+
+def test_wsd_default_shape_is_linear_and_lr_is_the_default_target():
+    args = {k: v for k, v in _wsd_args("linear").items() if k != "decay_shape"}
+    curve = warmup_stable_decay(**args)
+    expected = WSD_CASES["linear"][2]
+    assert [curve(t) for t in WSD_TS] == pytest.approx(list(expected), rel=0, abs=TOL)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    schedule = schedany.warmup_stable_decay(optimizer, **args)
+    for t in range(max(WSD_TS) + 1):
+        if t in WSD_TS:
+            lam = expected[WSD_TS.index(t)]
+            assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5 * lam, rel=0, abs=TOL)
+        optimizer.step()
+        schedule.step()
 
 
 # ---- properties -------------------------------------------------------------------
@@ -367,3 +510,61 @@ def test_numpy_integer_step_counts_are_accepted():
         num_training_steps=np.int32(4),
     )
     assert [curve(t) for t in range(6)] == pytest.approx([0.0, 0.5, 1.0, 0.5, 0.0, 0.0])
+
+
+shapes = st.sampled_from(["linear", "cosine", "sqrt"])
+
+
+@st.composite
+def wsd_curves(draw, min_warmup: int = 0, min_stable: int = 0, min_decay: int = 0):
+    L = draw(st.integers(min_value=min_warmup, max_value=60))
+    stable = draw(st.integers(min_value=min_stable, max_value=100))
+    D = draw(st.integers(min_value=min_decay, max_value=200))
+    kwargs = dict(
+        warmup_to_value=draw(values),
+        anneal_to_value=draw(values),
+        num_warmup_steps=L,
+        num_training_steps=max(L + stable + D, 1),
+        num_decay_steps=D,
+        decay_shape=draw(shapes),
+    )
+    return kwargs, warmup_stable_decay(**kwargs)
+
+
+@given(wsd_curves(min_warmup=1, min_stable=1, min_decay=1))
+@settings(deadline=None)
+def test_wsd_is_continuous_at_L_and_at_the_decay_start(drawn):
+    kwargs, curve = drawn
+    W, A, L = kwargs["warmup_to_value"], kwargs["anneal_to_value"], kwargs["num_warmup_steps"]
+    D = kwargs["num_decay_steps"]
+    S = kwargs["num_training_steps"] - D
+    # into L: one more warmup step of W / L, then W exactly
+    assert curve(L - 1) == pytest.approx(W * (L - 1) / L, rel=0, abs=_tol(W))
+    assert curve(L) == W
+    # into S: still W (p = 0), then one decay step, no bigger than the first step of the
+    # steepest shape (sqrt: |W - A| / sqrt(D))
+    assert curve(S - 1) == W
+    assert curve(S) == pytest.approx(W, rel=0, abs=_tol(W, A))
+    assert abs(curve(S + 1) - curve(S)) <= abs(W - A) / math.sqrt(D) + _tol(W, A)
+
+
+@given(wsd_curves(), st.integers(min_value=1, max_value=10**12))
+@settings(deadline=None)
+def test_wsd_hits_A_at_M_and_stays_there(drawn, beyond):
+    kwargs, curve = drawn
+    A, M = kwargs["anneal_to_value"], kwargs["num_training_steps"]
+    for t in (M, M + 1, M + beyond, 2 * M, 10 * M + 7):
+        assert curve(t) == A
+
+
+@given(wsd_curves())
+@settings(max_examples=60, deadline=None)
+def test_wsd_decay_moves_monotonically_from_W_to_A(drawn):
+    kwargs, curve = drawn
+    W, A = kwargs["warmup_to_value"], kwargs["anneal_to_value"]
+    M, D = kwargs["num_training_steps"], kwargs["num_decay_steps"]
+    tol = _tol(W, A)
+    values = [curve(t) for t in range(M - D, M + 3)]
+    assert all(min(A, W) - tol <= v <= max(A, W) + tol for v in values)
+    sign = 1.0 if A >= W else -1.0  # the decay climbs when A > W
+    assert all(sign * (b - a) >= -tol for a, b in zip(values, values[1:]))

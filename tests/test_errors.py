@@ -82,6 +82,7 @@ def builtin(name: str, *args: Any, **kwargs: Any) -> Callable[[AdamW], Any]:
 
 
 COSINE = "cosine_annealing_with_warmup"
+WSD = "warmup_stable_decay"
 # id -> (call on the optimizer, exception, message that names the argument and its value)
 CASES: dict[str, tuple[Callable[[AdamW], Any], type[Exception], str]] = {
     # --- targets
@@ -286,6 +287,55 @@ CASES: dict[str, tuple[Callable[[AdamW], Any], type[Exception], str]] = {
         builtin("polynomial_schedule_with_warmup", 1.0, 0.1, 10, 100, polynomial_exponent=-1.5),
         ValueError,
         r"requires polynomial_exponent to be a finite number > 0, got polynomial_exponent=-1\.5",
+    ),
+    # --- warmup_stable_decay's own arguments (D, the shape), and the shared ones
+    "negative decay steps": (
+        builtin(WSD, 1.0, 0.1, 10, 100, -1),
+        ValueError,
+        r"warmup_stable_decay requires num_decay_steps to be an integer >= 0, got "
+        r"num_decay_steps=-1",
+    ),
+    "decay longer than the steps after warmup": (
+        builtin(WSD, 1.0, 0.1, 10, 100, 91),
+        ValueError,
+        r"warmup_stable_decay requires num_decay_steps to be an integer <= num_training_steps - "
+        r"num_warmup_steps \(90\), got num_decay_steps=91",
+    ),
+    "float decay steps": (
+        builtin(WSD, 1.0, 0.1, 10, 100, 40.0),
+        TypeError,
+        r"warmup_stable_decay requires num_decay_steps to be an integer >= 0, got "
+        r"num_decay_steps=40\.0",
+    ),
+    "unknown decay shape": (
+        builtin(WSD, 1.0, 0.1, 10, 100, 40, decay_shape="exponential"),
+        ValueError,
+        r"warmup_stable_decay requires decay_shape to be 'linear', 'cosine' or 'sqrt', got "
+        r"decay_shape='exponential'",
+    ),
+    "inverted step counts, WSD": (
+        builtin(WSD, 1.0, 0.1, 50, 20, 0),
+        ValueError,
+        r"warmup_stable_decay requires num_training_steps to be an integer >= num_warmup_steps "
+        r"\(50\), got num_training_steps=20",
+    ),
+    "zero training steps, WSD": (
+        builtin(WSD, 1.0, 0.1, 0, 0, 0),
+        ValueError,
+        r"warmup_stable_decay requires num_training_steps to be an integer > 0 when annealing, "
+        r"got num_training_steps=0",
+    ),
+    "negative warmup steps, WSD": (
+        builtin(WSD, 1.0, 0.1, -2, 100, 10),
+        ValueError,
+        r"warmup_stable_decay requires num_warmup_steps to be an integer >= 0, got "
+        r"num_warmup_steps=-2",
+    ),
+    "NaN anneal_to_value, WSD": (
+        builtin(WSD, 1.0, math.nan, 10, 100, 10, schedule_target="weight_decay"),
+        ValueError,
+        r"warmup_stable_decay requires anneal_to_value to be a finite number, got "
+        r"anneal_to_value=nan",
     ),
     # --- optimizer utilities
     "extend with an element name": (
