@@ -4,7 +4,8 @@ Names (docs/inspecting_schedules.md, "During training"):
 
 - ``schedule/<key>/<group>`` for every scheduled key and param group; ``<group>`` is the
   group's ``name`` entry if it has one, else ``pg<i>``;
-- ``control/<metric>`` for every entry of the controller's ``metrics()``.
+- ``control/<metric>`` for every entry of the controller's ``metrics()``;
+- ``clock/steps``, ``clock/samples``, ``clock/tokens`` when the schedule has a clock.
 
 The reference trainer reads one :class:`StepRecord` per optimizer step, and its
 TensorBoard events, Tune reports, console and ``metrics.jsonl`` are all written from
@@ -73,6 +74,8 @@ class StepRecord:
     """``schedule[key][g]``: the value of ``key`` in param group ``g``."""
     control: dict[str, float] | None
     """``controller.metrics()``, or None without a controller."""
+    clock: dict[str, int] | None = None
+    """The schedule's clock (steps, samples, tokens so far), or None without one."""
 
     @classmethod
     def read(
@@ -80,11 +83,13 @@ class StepRecord:
     ) -> StepRecord:
         values = {key: schedule.get_last_schedule(key) for key in schedule.schedule_names}
         control = None if controller is None else dict(controller.metrics())
-        return cls(values, control)
+        clock = None if schedule.clock is None else schedule.clock.state_dict()
+        return cls(values, control, clock)
 
     def scalars(self, tags: Mapping[str, Sequence[str]]) -> dict[str, float]:
         """The record under its names: ``schedule/<key>/<group>`` in the order of
-        ``tags`` (from :func:`schedule_tags`), then ``control/<metric>``."""
+        ``tags`` (from :func:`schedule_tags`), then ``control/<metric>``, then
+        ``clock/<unit>``."""
         out = {
             tag: float(value)
             for key, key_tags in tags.items()
@@ -92,4 +97,6 @@ class StepRecord:
         }
         if self.control is not None:
             out.update({f"control/{name}": float(v) for name, v in self.control.items()})
+        if self.clock is not None:
+            out.update({f"clock/{unit}": float(n) for unit, n in self.clock.items()})
         return out

@@ -132,6 +132,15 @@ def _validate(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     steps = config.train.steps
+    if steps is None or any(spec.unit != "steps" for spec in config.schedules.values()):
+        # Built once to check it; values per optimizer step depend on the data here.
+        from ._clock import Clock
+        from .config import build_run
+
+        build_run(config, clock=Clock())
+        unit, budget = config.train.budget()
+        print(f"{args.config}: valid ({budget} {unit}; schedules follow the training clock)")
+        return EXIT_OK
     labels, values = trace(config)
     marks = sorted({1, max(1, steps // 4), max(1, steps // 2), max(1, 3 * steps // 4), steps})
     print(f"{args.config}: valid")

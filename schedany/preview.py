@@ -12,11 +12,13 @@ holds after ``s - 1`` calls of ``schedule.step()``. TensorBoard tags and
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
+from ._clock import Clock
 from ._record import StepRecord, group_labels, schedule_tags
 from .config import ConfigError, TrainConfig, build_run, load_config
 from .config.parsing import check_int
@@ -54,11 +56,27 @@ def trace(
 ) -> ScheduleTrace:
     """Step the config's schedule ``steps`` times (default ``train.steps``) on a
     throwaway optimizer and record each step's values; optionally write them to
-    TensorBoard under ``tensorboard`` with the tags a real run uses."""
-    steps = (
-        config.train.steps if steps is None else check_integer(steps, "steps", min=1, func="trace")
-    )
-    optimizer, schedule = build_run(config)
+    TensorBoard under ``tensorboard`` with the tags a real run uses.
+
+    The preview counts optimizer steps, so every schedule must count them too: how many
+    samples or tokens a step takes is the data's and the controller's to say.
+    """
+    for name, spec in config.schedules.items():
+        if spec.unit != "steps":
+            raise ConfigError(
+                f"schedules.{name}.unit",
+                f"counts {spec.unit}, and the config does not fix how many {spec.unit} an "
+                "optimizer step takes, which preview counts; a run shows it against "
+                f"clock/{spec.unit} (train.axis: {spec.unit})",
+            )
+    if steps is None and config.train.steps is None:
+        unit, _ = config.train.budget()
+        raise ConfigError(f"train.{unit}", "preview counts optimizer steps; pass --steps N")
+    if steps is None:
+        steps = config.train.steps
+    steps = check_integer(steps, "steps", min=1, func="trace")
+    clock = Clock()
+    optimizer, schedule = build_run(config, clock=clock)
     tags = schedule_tags(schedule)
     logger = None
     if tensorboard is not None:
@@ -71,7 +89,8 @@ def trace(
     try:
         for step in range(1, steps + 1):
             optimizer.step()  # no gradients, nothing changes: it keeps torch's order check happy
-            record = StepRecord.read(schedule)
+            clock.advance()  # steps only: a preview consumes no data
+            record = dataclasses.replace(StepRecord.read(schedule), clock=None)
             for name in names:
                 values[name].append(record.schedule[name])
             if logger is not None:

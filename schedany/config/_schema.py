@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-from .parsing import check_int, expected
+from .parsing import ConfigError, check_int, expected
 
 
 def _min(n: float) -> Any:
@@ -141,10 +141,23 @@ class ControlSection:
 
 @dataclass
 class TrainSection:
-    """``train:`` — length, batch size, logging, evaluation and checkpoints."""
+    """``train:`` — length, batch size, logging, evaluation and checkpoints.
 
-    steps: int = field(default=1000, metadata=_min(1))
+    The budget is exactly one of ``steps``, ``samples`` and ``tokens``: the run stops
+    after the first optimizer step at which the clock reaches it (docs/clock.md). With
+    none of them given, the budget is 1000 steps.
+    """
+
+    steps: int | None = field(default=None, metadata=_min(1))
     """Optimizer steps to train for (not micro-steps)."""
+    samples: int | None = field(default=None, metadata=_min(1))
+    """Samples (rows, over all ranks) to train for."""
+    tokens: int | None = field(default=None, metadata=_min(1))
+    """Tokens (real target bytes, over all ranks) to train for."""
+    axis: Literal["steps", "samples", "tokens"] = "steps"
+    """The step axis of every TensorBoard scalar and Tune report, and the unit that
+    ``log_every``, ``eval_every`` and ``checkpoint_every`` count (an event fires at the
+    first optimizer step at which the clock crosses a multiple)."""
     micro_batch_size: int = field(default=8, metadata=_min(1))
     """Rows per micro-batch on each rank."""
     log_dir: str | None = None
@@ -165,6 +178,23 @@ class TrainSection:
     """``cpu``, ``cuda``; ``null`` picks ``cuda:LOCAL_RANK`` when CUDA is available."""
     progress: Literal["auto", "bar", "lines", "none"] = "auto"
     """Rank 0's console output: ``auto`` is a tqdm bar on a terminal, plain lines otherwise."""
+
+    def __post_init__(self) -> None:
+        given = [unit for unit in ("steps", "samples", "tokens") if getattr(self, unit) is not None]
+        if len(given) > 1:
+            raise ConfigError(
+                f"train.{given[1]}", f"expected exactly one budget, got {' and '.join(given)}"
+            )
+        if not given:
+            self.steps = 1000
+
+    def budget(self) -> tuple[Literal["steps", "samples", "tokens"], int]:
+        """``(unit, amount)``: what the run counts to before it stops."""
+        for unit in ("steps", "samples", "tokens"):
+            amount = getattr(self, unit)
+            if amount is not None:
+                return unit, amount  # type: ignore[return-value]
+        raise AssertionError("unreachable: __post_init__ sets a budget")
 
 
 @dataclass

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .._clock import Clock
 from ..config import ConfigError, TrainConfig, build_run, parse_config
 from ..config.parsing import as_mapping, from_mapping, read_yaml, unknown_key
 from ._tune_space import Distribution, parse_search, set_path
@@ -154,7 +155,7 @@ def _check_space(base: dict[str, Any], space: dict[str, Distribution], block: st
             data.setdefault(head, {} if "." in path else None)
             set_path(data, path, value, where=where, create=False)
             try:
-                build_run(parse_config(data))
+                build_run(parse_config(data), clock=Clock())
             except ConfigError as exc:
                 if exc.path == path and exc.kind == "unknown_key":
                     raise ConfigError(where, f"unknown config path ({exc.reason})") from None
@@ -241,7 +242,7 @@ def load_sweep(path: str | os.PathLike[str], num_samples: int | None = None) -> 
         set_path(base, key, value, where=f"set.{key}", create=True)
     try:
         config = parse_config(base)
-        build_run(config)
+        build_run(config, clock=Clock())
     except ConfigError as exc:
         raise ConfigError("base", f"{base_path}: {exc}") from None
     # Trials run in their own working folders: a relative data folder is made absolute

@@ -23,6 +23,7 @@ from typing import Any
 from torch import nn
 from torch.optim import Optimizer
 
+from .._clock import Clock
 from .._record import StepRecord, schedule_tags
 from .._synchronous import SynchronousSchedule
 from ..config import TrainConfig
@@ -101,7 +102,9 @@ class TuneTrainer(Trainer):
             return path
         # super() loaded the donor's state into the objects built from this config;
         # keep the model, data position and RNG, and rebuild the rest from this config.
-        optimizer, schedule = build_run(self.config, self.model)
+        clock = Clock()  # at the restored reading: the rebuilt schedule catches up to it
+        clock.load_state_dict(self.clock.state_dict())
+        optimizer, schedule = build_run(self.config, self.model, clock=clock)
         controller = build_controller(self.config, self.model, optimizer)
         saved = None if self.controller is None else self.controller.state_dict()
         rebuild_at_step(
@@ -113,6 +116,7 @@ class TuneTrainer(Trainer):
             controller_state=saved,
         )
         self.optimizer, self.schedule, self.controller = optimizer, schedule, controller
+        self.clock = clock
         return path
 
     def save_checkpoint(self) -> str:

@@ -270,13 +270,19 @@ def advance(schedule: SynchronousSchedule, steps: int) -> None:
     """Step ``schedule`` ``steps`` times without training (replaying its curve).
 
     Replaying, rather than jumping, works for every torch scheduler, including the
-    chainable ones (StepLR, ExponentialLR) whose value depends on the previous one.
+    chainable ones (StepLR, ExponentialLR) whose value depends on the previous one. A
+    schedule with a clock follows the clock instead: set to the restored reading, one
+    ``step()`` brings every member there (docs/clock.md).
     """
     if steps < 0:
         raise ValueError(f"advance: steps must be >= 0, got {steps}")
     with warnings.catch_warnings():
         # No optimizer step happens here on purpose: the schedule is only positioned.
         warnings.filterwarnings("ignore", message=_ORDER_WARNING, category=UserWarning)
+        if schedule.clock is not None:
+            schedule.step()
+            schedule.last_epoch = steps
+            return
         for _ in range(steps):
             schedule.step()
 

@@ -43,7 +43,7 @@ class Console:
     def __init__(
         self,
         mode: Literal["auto", "bar", "lines", "none"],
-        total: int,
+        total: int | None,
         initial: int,
         enabled: bool,
         stream: TextIO | None = None,
@@ -77,7 +77,8 @@ class Console:
         if not self.enabled or self._bar is not None:
             return
         rate = (step - self._start_step) / max(time.perf_counter() - self._started, 1e-9)
-        self.print(f"step {step}/{self.total}  {format_values(values)}  ({rate:.2f} steps/s)")
+        total = self.total or "?"
+        self.print(f"step {step}/{total}  {format_values(values)}  ({rate:.2f} steps/s)")
 
     def print(self, text: str) -> None:
         if not self.enabled:
@@ -119,7 +120,9 @@ class MetricsFile:
         """One line: the values per key and group as the record holds them (float64),
         the controller's metrics (with a controller) and the losses computed this step."""
         control = {} if record.control is None else {"control": record.control}
-        line = {"step": step, "micro_steps": micro_steps, "schedule": record.schedule, **control}
+        clock = {} if record.clock is None else {"clock": record.clock}
+        line = {"step": step, "micro_steps": micro_steps, "schedule": record.schedule}
+        line.update(**control, **clock)
         self._file.write(json.dumps({**line, **losses}) + "\n")
 
     def flush(self) -> None:

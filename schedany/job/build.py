@@ -6,6 +6,7 @@ from __future__ import annotations
 from torch import nn
 from torch.optim import Optimizer
 
+from .._clock import Clock
 from ..config import Run, TrainConfig
 from ..config import build_run as build_config_run
 from ..control import GradientNormThreshold, LogicalBatchSize
@@ -22,18 +23,21 @@ def build_model(config: TrainConfig) -> model_lib.ByteTransformer:
     return model_lib.build_model(config.model, seed=config.seed)
 
 
-def build_run(config: TrainConfig, model: nn.Module | None = None) -> Run:
+def build_run(
+    config: TrainConfig, model: nn.Module | None = None, *, clock: Clock | None = None
+) -> Run:
     """The optimizer over ``model``'s parameters (after any DDP/FSDP wrapping), split
     into ``decay`` / ``no_decay`` when ``optimizer.param_groups`` is set, and its
     schedule (``extend`` applied). ``model=None``: placeholder parameters shaped like the
-    job's groups (see :func:`schedany.config.build_run`)."""
+    job's groups (see :func:`schedany.config.build_run`). ``clock``: the training clock
+    the schedule follows."""
     if model is None:
-        return build_config_run(config)
+        return build_config_run(config, clock=clock)
     if config.optimizer.param_groups is None:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     else:
         groups = model_lib.param_groups(model)
-    return build_config_run(config, groups)
+    return build_config_run(config, groups, clock=clock)
 
 
 def build_controller(config: TrainConfig, model: nn.Module, optimizer: Optimizer) -> Controller:

@@ -15,9 +15,7 @@ RNG state.
 from __future__ import annotations
 
 import math
-import os
 import random
-import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -28,9 +26,11 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from .._clock import Clock
 from .._record import StepRecord, schedule_tags
 from ..config import ConfigError, TrainConfig, config_to_dict
 from . import checkpoint as ckpt
+from ._faults import FAULT_MARKER_ENV, FAULT_RANK_ENV, FAULT_STEP_ENV, maybe_inject_fault
 from .build import build_controller, build_model, build_run
 from .data import MicroBatchSampler, eval_batches, load_corpus
 from .distributed import (
@@ -52,20 +52,12 @@ __all__ = [
     "train",
 ]
 
-FAULT_STEP_ENV = "SCHEDANY_FAULT_AT_STEP"
-"""Fault injection for tests: after optimizer step N (and its checkpoint, if due) ..."""
-FAULT_RANK_ENV = "SCHEDANY_FAULT_RANK"
-"""... the process of this global rank (default 0) kills itself with SIGKILL, ..."""
-FAULT_MARKER_ENV = "SCHEDANY_FAULT_MARKER"
-"""... once: it first creates this file (default ``<checkpoint_dir>/.fault_injected``),
-and a marker that already exists disarms the fault (so a restarted run goes on)."""
-
 Report = Callable[[dict[str, float], "str | None"], None]
-"""``report(metrics, checkpoint)``: called on rank 0 every ``train.log_every`` optimizer
-steps and after the last one. ``metrics`` holds ``global_step``, ``train/loss`` (mean
-over the steps since the last report), ``eval/loss`` (when evaluated at that step),
-``schedule/<key>/<group>`` and ``control/<metric>``. ``checkpoint`` is the path of the
-checkpoint written at that step, or None."""
+"""``report(metrics, checkpoint)``: called on rank 0 every ``train.log_every`` units of
+``train.axis`` and after the last step. ``metrics`` holds ``global_step``, ``train/loss``
+(mean over the steps since the last report), ``eval/loss`` (when evaluated at that
+step), ``schedule/<key>/<group>``, ``control/<metric>`` and ``clock/<unit>``.
+``checkpoint`` is the path of the checkpoint written at that step, or None."""
 
 _MAX_DROPPED_IN_A_ROW = 20
 
@@ -111,7 +103,10 @@ class Trainer:
 
         model = build_model(config)
         self.model = wrap_model(model, config.distributed.strategy, self.env)
-        self.optimizer, self.schedule = build_run(config, self.model)
+        # The clock counts what each optimizer step consumed, over all ranks; the
+        # schedule follows it, and the budget and cadences are read from it.
+        self.clock = Clock()
+        self.optimizer, self.schedule = build_run(config, self.model, clock=self.clock)
         self.controller = build_controller(config, self.model, self.optimizer)
         self.per_token = config.control.kind != "none" and config.control.items == "tokens"
 
@@ -154,10 +149,12 @@ class Trainer:
         ctl, model = self.controller, self.model
         # Every batch this step drops comes before its one ready batch: drops in a row.
         dropped_before = 0.0 if ctl is None else ctl.metrics()["dropped_batches"]
-        micro_steps = 0
+        micro_steps = samples = tokens = 0
         while True:
             batch = next(self.sampler).to(self.device, non_blocking=True)
             micro_steps += 1
+            samples += batch.inputs.shape[0]
+            tokens += batch.num_tokens
             if ctl is None:
                 total, n = lm_loss(model, batch, "sum")
                 (total / n).backward()
@@ -178,9 +175,20 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        self.clock.advance(*self._global(samples, tokens))
         record = StepRecord.read(self.schedule, ctl)  # before schedule.step(): what this step used
         self.schedule.step()
         return record, micro_steps
+
+    def _global(self, samples: int, tokens: int) -> tuple[int, int]:
+        """This step's samples and tokens over all ranks (data consumed by dropped batches
+        included). Under torchrun: one all-reduce of two integers per optimizer step."""
+        if not dist.is_initialized():
+            return samples, tokens
+        counts = torch.tensor([samples, tokens], dtype=torch.int64, device=self.device)
+        dist.all_reduce(counts)
+        total_samples, total_tokens = counts.tolist()
+        return total_samples, total_tokens
 
     # --- evaluation, losses ------------------------------------------------------------
 
@@ -285,7 +293,9 @@ class Trainer:
         from ._console import Console, MetricsFile, headline_values
 
         tags = schedule_tags(self.schedule)  # after resume(), which may replace the schedule
-        console = Console(cfg.progress, cfg.steps, self.step, rank0)
+        unit, budget = cfg.budget()
+        total = budget if unit == "steps" else None  # the bar counts steps
+        console = Console(cfg.progress, total, self.step, rank0)
         metrics_file = logger = None
         if rank0 and cfg.log_dir is not None:
             log_dir = Path(cfg.log_dir)
@@ -298,32 +308,34 @@ class Trainer:
             logger = ScheduleLogger(
                 self.schedule,
                 log_dir=str(log_dir),
-                purge_step=None if resumed_from is None else resumed_from + 1,
+                purge_step=None if resumed_from is None else self.clock.read(cfg.axis) + 1,
             )
         train_loss = eval_loss = None
         last_checkpoint = resumed
         try:
             if resumed_from is None:
                 eval_loss = self.evaluate()
-                console.print(f"step 0/{cfg.steps}  eval/loss {eval_loss:.4f}")
+                console.print(f"step 0/{total or '?'}  eval/loss {eval_loss:.4f}")
                 if logger is not None:
                     logger.log_scalars(0, {"eval/loss": eval_loss})
             else:
                 console.print(f"resumed from {resumed} at step {resumed_from}")
-            while self.step < cfg.steps:
+            while self.clock.read(unit) < budget:
+                before = self.clock.read(cfg.axis)
                 record, micro_steps = self.train_step()
-                step = self.step
-                last = step == cfg.steps
+                step, x = self.step, self.clock.read(cfg.axis)
+                last = self.clock.read(unit) >= budget
+
                 losses: dict[str, float] = {}
-                if step % cfg.log_every == 0 or last:
+                if last or _crossed(before, x, cfg.log_every):
                     train_loss = self.take_train_loss()
                     losses["train/loss"] = train_loss
-                if (cfg.eval_every and step % cfg.eval_every == 0) or last:
+                if last or _crossed(before, x, cfg.eval_every):
                     eval_loss = self.evaluate()
                     losses["eval/loss"] = eval_loss
                 scalars = {**record.scalars(tags), **losses}  # TensorBoard's and Tune's
                 if logger is not None:
-                    logger.log_scalars(step, scalars)
+                    logger.log_scalars(x, scalars)
                 if metrics_file is not None:
                     metrics_file.write(step, micro_steps, record, losses)
                 headline = headline_values(record, micro_steps, losses) if losses else None
@@ -332,7 +344,7 @@ class Trainer:
                     console.log(step, headline)
                 saved = None
                 if cfg.checkpoint_dir is not None and (
-                    last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+                    last or _crossed(before, x, cfg.checkpoint_every)
                 ):
                     if metrics_file is not None:
                         metrics_file.flush()
@@ -341,7 +353,7 @@ class Trainer:
                     saved = last_checkpoint = self.save_checkpoint()
                 if losses and self.report is not None and rank0:
                     self.report({"global_step": float(step), **scalars}, saved)
-                _maybe_inject_fault(step, self.env.rank, cfg.checkpoint_dir)
+                maybe_inject_fault(step, self.env.rank, cfg.checkpoint_dir)
             if eval_loss is None:
                 eval_loss = self.evaluate()
         finally:
@@ -353,18 +365,10 @@ class Trainer:
         return TrainResult(self.step, train_loss, eval_loss, resumed_from, last_checkpoint)
 
 
-def _maybe_inject_fault(step: int, rank: int, checkpoint_dir: str | None) -> None:
-    at = os.environ.get(FAULT_STEP_ENV)
-    if at is None or int(at) != step or rank != int(os.environ.get(FAULT_RANK_ENV, "0")):
-        return
-    marker = Path(
-        os.environ.get(FAULT_MARKER_ENV) or Path(checkpoint_dir or ".") / ".fault_injected"
-    )
-    if marker.exists():
-        return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"rank {rank} killed itself after step {step}\n")
-    os.kill(os.getpid(), signal.SIGKILL)
+def _crossed(before: int, now: int, every: int) -> bool:
+    """An event every ``every`` units (0: never) fires at the first optimizer step at
+    which the clock crosses a multiple of it."""
+    return every > 0 and now // every > before // every
 
 
 def train(
