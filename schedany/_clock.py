@@ -42,8 +42,10 @@ class Clock:
     def advance(self, samples: int = 0, tokens: int = 0) -> None:
         """One optimizer step that consumed ``samples`` and ``tokens``, summed over all
         ranks. Call it after ``optimizer.step()`` and before ``schedule.step()``."""
-        samples = check_integer(samples, "samples", min=0, func="Clock.advance")
-        tokens = check_integer(tokens, "tokens", min=0, func="Clock.advance")
+        if not (type(samples) is int and type(tokens) is int and samples >= 0 and tokens >= 0):
+            # The full check (numpy integers, bools, negatives) only off the fast path.
+            samples = check_integer(samples, "samples", min=0, func="Clock.advance")
+            tokens = check_integer(tokens, "tokens", min=0, func="Clock.advance")
         counts = self._counts
         counts["steps"] += 1
         counts["samples"] += samples

@@ -21,6 +21,25 @@ def _as_float(value: Any) -> float:
     return float(value.item()) if isinstance(value, Tensor) else float(value)
 
 
+def _catch_up(
+    name: str, schedule: LRScheduler, reading: int, unit: str, every: int, closed_form: bool
+) -> None:
+    """Bring ``schedule`` to ``reading // every`` steps in all."""
+    behind = reading // every - schedule.last_epoch
+    if behind < 0:
+        raise ValueError(
+            f"schedule {name!r} has taken {schedule.last_epoch} steps of {every} {unit}, "
+            f"but the clock reads {reading} {unit}: the clock went backwards"
+        )
+    if behind > 1 and closed_form:
+        # A LambdaLR is a closed form of last_epoch: jump there in one step (a token
+        # unit may advance by thousands per optimizer step).
+        schedule.last_epoch += behind - 1
+        behind = 1
+    for _ in range(behind):
+        schedule.step()
+
+
 class SynchronousSchedule(LRScheduler):
     """Steps several schedules of one optimizer together, and reads any of them back.
 
@@ -102,6 +121,12 @@ class SynchronousSchedule(LRScheduler):
         self._targets = targets
         self._plateau = [s for s in members.values() if isinstance(s, ReduceLROnPlateau)]
         self._others = [s for s in members.values() if not isinstance(s, ReduceLROnPlateau)]
+        # (name, member, unit, every, closed form?) per clocked member, fixed at build time.
+        self._clocked = [
+            (name, s, *bound_unit(s), isinstance(s, LambdaLR))
+            for name, s in members.items()
+            if not isinstance(s, ReduceLROnPlateau)
+        ]
         self.last_epoch = 0
 
     @property
@@ -127,30 +152,12 @@ class SynchronousSchedule(LRScheduler):
             for schedule in self._others:
                 schedule.step()
         else:
-            for name, schedule in self._schedules.items():
-                if not isinstance(schedule, ReduceLROnPlateau):
-                    self._catch_up(name, schedule, self.clock)
+            counts = self.clock.state_dict()
+            for name, schedule, unit, every, closed_form in self._clocked:
+                _catch_up(name, schedule, counts[unit], unit, every, closed_form)
         for schedule in self._plateau:
             schedule.step(*args, **kwargs)
         self.last_epoch += 1
-
-    @staticmethod
-    def _catch_up(name: str, schedule: LRScheduler, clock: Clock) -> None:
-        """Bring ``schedule`` to ``clock.read(unit) // every`` steps in all."""
-        unit, every = bound_unit(schedule)
-        behind = clock.read(unit) // every - schedule.last_epoch
-        if behind < 0:
-            raise ValueError(
-                f"schedule {name!r} has taken {schedule.last_epoch} steps of {every} {unit}, "
-                f"but the clock reads {clock.read(unit)} {unit}: the clock went backwards"
-            )
-        if behind > 1 and isinstance(schedule, LambdaLR):
-            # A LambdaLR is a closed form of last_epoch: jump there in one step (a token
-            # unit may advance by thousands per optimizer step).
-            schedule.last_epoch += behind - 1
-            behind = 1
-        for _ in range(behind):
-            schedule.step()
 
     def get_last_schedule(self, name: str) -> list[float]:
         """The last value of schedule ``name``, one per param group."""
