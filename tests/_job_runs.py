@@ -17,7 +17,7 @@ import torch
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "configs"
 GNTS = str(EXAMPLES / "gnts.yaml")
 STEPS = 8
-TINY = [
+TINY_MODEL = [
     "model.d_model=32",
     "model.n_layers=1",
     "model.n_heads=2",
@@ -25,6 +25,10 @@ TINY = [
     "data.max_bytes=200000",
     "data.eval_windows=8",
     "data.eval_batch_size=8",
+]
+"""A model and data small enough that a run takes seconds (any example config)."""
+TINY = [
+    *TINY_MODEL,
     "train.micro_batch_size=4",
     f"train.steps={STEPS}",
     "train.checkpoint_every=2",

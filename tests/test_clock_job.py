@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from _job_runs import EXAMPLES, launch, ok, run_args, sets
+from _job_runs import EXAMPLES, TINY_MODEL, launch, ok, run_args, sets
 
 from schedany.config import ConfigError, load_config
 from schedany.curves import BUILTIN_CURVES
@@ -16,13 +16,7 @@ from schedany.job.trainer import train
 
 BASELINE = str(EXAMPLES / "baseline.yaml")
 SMALL = [
-    "model.d_model=32",
-    "model.n_layers=1",
-    "model.n_heads=2",
-    "model.seq_len=32",
-    "data.max_bytes=200000",
-    "data.eval_windows=8",
-    "data.eval_batch_size=8",
+    *TINY_MODEL,
     "train.eval_every=0",
     "train.checkpoint_every=0",
     "train.progress=none",
