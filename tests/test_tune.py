@@ -252,11 +252,132 @@ BAD_SWEEPS = [
 ]
 
 
+# A token budget and reports every 360 tokens (the base config counts steps).
+TOKENS = {"train.steps": None, "train.tokens": 1800, "train.axis": "tokens", "train.log_every": 360}
+WARMUP_GRID = {"schedules.lr.num_warmup_steps": {"grid": [1, 2]}}
+
+BAD_SWEEPS += [
+    (
+        {"search": WARMUP_GRID, "tune": {"scheduler": "asha", "time_attr": "clock/tokenz"}},
+        r"tune\.time_attr: expected one of .*clock/tokens.*got 'clock/tokenz'",
+    ),
+    (
+        {"search": WARMUP_GRID, "tune": {"scheduler": "asha", "time_attr": "clock/tokens"}},
+        r"tune\.time_attr: clock/tokens counts tokens, but train\.axis is steps: .*"
+        r"set train\.axis: tokens .* or tune\.time_attr: global_step",
+    ),
+    (
+        {"set": TOKENS, "search": WARMUP_GRID, "tune": {"scheduler": "pbt"}},
+        r"tune\.time_attr: global_step counts steps, but train\.axis is tokens: .*"
+        r"or tune\.time_attr: clock/tokens",
+    ),
+    (
+        {
+            "set": {**TOKENS, "train.tokens": None, "train.steps": 15},
+            "search": WARMUP_GRID,
+            "tune": {"scheduler": "asha", "time_attr": "clock/tokens"},
+        },
+        r"tune\.asha\.max_t: required field is missing \(tune\.time_attr clock/tokens "
+        r"counts tokens but the budget is train\.steps",
+    ),
+    (
+        {
+            "set": TOKENS,
+            "search": WARMUP_GRID,
+            "tune": {"scheduler": "asha", "time_attr": "clock/tokens", "asha": {"max_t": 2000}},
+        },
+        r"tune\.asha\.max_t: expected at most train\.tokens \(1800\), got 2000",
+    ),
+    (
+        {
+            "set": TOKENS,
+            "search": WARMUP_GRID,
+            "tune": {"scheduler": "asha", "time_attr": "clock/tokens", "asha": {"max_t": 300}},
+        },
+        r"tune\.asha\.grace_period: expected at most max_t \(300\), got 360",
+    ),
+    (
+        {
+            "set": TOKENS,
+            "search": WARMUP_GRID,
+            "tune": {
+                "scheduler": "pbt",
+                "time_attr": "clock/tokens",
+                "pbt": {"perturbation_interval": 500},
+            },
+        },
+        r"tune\.pbt\.perturbation_interval: expected a multiple of train\.log_every \(360\), "
+        r"the cadence in tokens",
+    ),
+    (
+        {
+            "set": TOKENS,
+            "search": WARMUP_GRID,
+            "tune": {
+                "scheduler": "pbt",
+                "time_attr": "clock/tokens",
+                "pbt": {"perturbation_interval": 1800},
+            },
+        },
+        r"tune\.pbt\.perturbation_interval: expected less than train\.tokens \(1800\)",
+    ),
+]
+
+
 @pytest.mark.parametrize(("blocks", "match"), BAD_SWEEPS)
 def test_bad_sweep_files_name_the_path(workdir: Path, blocks: dict[str, Any], match: str) -> None:
     path = write_sweep(workdir, "bad", **blocks)
     with pytest.raises(ConfigError, match=match):
         load_sweep(path)
+
+
+def test_time_attr_sets_the_schedulers_unit(workdir: Path) -> None:
+    """ASHA's and PBT's limits default to the budget and cadence in the time_attr's unit,
+    and the schedulers count the report's cadence multiple of that unit."""
+    from schedany.integrations._tune_run import tune_metrics
+    from schedany.integrations.ray_tune import make_scheduler, scheduler_time_attr
+
+    steps = load_sweep(write_sweep(workdir, "t0", search=WARMUP_GRID, tune={"scheduler": "asha"}))
+    assert scheduler_time_attr(steps) == "global_step"  # the default: optimizer steps
+    assert (steps.tune.asha.max_t, steps.tune.asha.grace_period) == (15, 5)
+    tune = {"scheduler": "asha", "time_attr": "clock/tokens"}
+    tokens = load_sweep(write_sweep(workdir, "t1", set=TOKENS, search=WARMUP_GRID, tune=tune))
+    assert tokens.time_unit == "tokens" and scheduler_time_attr(tokens) == "report/tokens"
+    assert (tokens.tune.asha.max_t, tokens.tune.asha.grace_period) == (1800, 360)
+    assert make_scheduler(tokens) is not None
+    # A step budget with a token time_attr: max_t is given in tokens (train.steps is None
+    # in the other sweeps, a number here; neither is read as the other's unit).
+    by_steps = {**TOKENS, "train.tokens": None, "train.steps": 15}
+    tune = {**tune, "asha": {"max_t": 5000}}
+    mixed = load_sweep(write_sweep(workdir, "t2", set=by_steps, search=WARMUP_GRID, tune=tune))
+    assert (mixed.tune.asha.max_t, mixed.tune.asha.grace_period) == (5000, 360)
+    tune = {"scheduler": "pbt", "time_attr": "clock/tokens", "pbt": {"perturbation_interval": 720}}
+    pbt = load_sweep(write_sweep(workdir, "t3", set=TOKENS, search=WARMUP_GRID, tune=tune))
+    assert scheduler_time_attr(pbt) == "report/tokens" and make_scheduler(pbt) is not None
+    # A report comes at the first step past a multiple of log_every: the schedulers see
+    # that multiple; the readings themselves are reported as they are.
+    metrics = {"global_step": 6.0, "clock/steps": 6.0, "clock/samples": 48.0, "clock/tokens": 848.0}
+    out = tune_metrics({**metrics, "eval/loss": 4.5}, tokens.config.train)
+    assert out == {
+        "global_step": 6,
+        "clock/steps": 6,
+        "clock/samples": 48,
+        "clock/tokens": 848,
+        "eval/loss": 4.5,
+        "report/tokens": 720,
+    }
+    assert all(isinstance(out[k], int) for k in metrics)
+
+
+def test_bad_time_attr_exits_2_through_the_cli(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tune = {"scheduler": "asha", "time_attr": "clock/tokenz"}
+    path = write_sweep(workdir, "bad_time", set=TOKENS, search=WARMUP_GRID, tune=tune)
+    assert main(["tune", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "tune.time_attr: expected one of" in err and "'clock/tokenz'" in err
+    assert "Traceback" not in err and not (workdir / "runs" / "bad_time").exists()
 
 
 @pytest.mark.parametrize("name", ["warmup_grid", "lr_shape_asha", "gnts_pbt"])
@@ -648,6 +769,57 @@ def test_crashed_trial_resumes_from_its_checkpoint(workdir: Path, ray_head: str)
     assert "The actor died unexpectedly" in (experiment / name / "error.txt").read_text()
     records = step_records(experiment / name)
     assert sorted(records) == list(range(1, 16))
+
+
+@pytest.mark.slow
+def test_asha_on_tokens_compares_trials_at_equal_tokens(workdir: Path, ray_head: str) -> None:
+    """Two logical batch sizes (2 and 8 rows per step) under ASHA with time_attr
+    clock/tokens: both report every 360 tokens, at different optimizer steps, and the
+    big-batch trial is stopped at the 720-token rung, where ASHA compared it with the
+    small-batch trial at 720 tokens (step 6 against about step 20)."""
+    path = write_sweep(
+        workdir,
+        "asha_tokens",
+        set={
+            **TOKENS,
+            "schedules.lr": {**BASE["schedules"]["lr"], "unit": "tokens"}
+            | {"num_warmup_steps": 180, "num_training_steps": 1800},
+        },
+        search={"train.micro_batch_size": {"grid": [2, 8]}},
+        tune={
+            "scheduler": "asha",
+            "time_attr": "clock/tokens",
+            "asha": {"grace_period": 720, "reduction_factor": 2},  # rungs at 720, 1440
+            "max_concurrent_trials": 1,  # the big batch reaches the rung second
+        },
+    )
+    proc = cli("tune", str(path), "--address", ray_head, env=HEAD_AUTH)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "(clock/tokens " in proc.stdout  # the best trial's line gives its reading
+    experiment = workdir / "runs" / "asha_tokens"
+    by_batch = {
+        r[0]["config"]["train.micro_batch_size"]: n for n, r in trial_rows(experiment).items()
+    }
+    rows = {batch: trial_rows(experiment)[name] for batch, name in by_batch.items()}
+    small, big = rows[2], rows[8]
+    for batch, trial in rows.items():
+        records = step_records(experiment / by_batch[batch])
+        for r in trial:
+            # Each report is for a multiple of 360 tokens, made at the first step whose
+            # reading crossed it, and carries the clock as it was.
+            milestone, step = r["report/tokens"], r["global_step"]
+            assert milestone % 360 == 0 and r["clock/tokens"] >= milestone
+            assert records[step]["clock"]["tokens"] == r["clock/tokens"]
+            assert step == 1 or records[step - 1]["clock"]["tokens"] < milestone
+            assert r["clock/samples"] == batch * step == batch * r["clock/steps"]
+    assert [r["report/tokens"] for r in small] == [360, 720, 1080, 1440, 1800]
+    # The big batch stopped at the 720-token rung, long before its 1800-token budget:
+    # it was worse there than the small batch had been at 720 tokens.
+    assert [r["report/tokens"] for r in big] == [360, 720]
+    at_rung = {b: next(r for r in t if r["report/tokens"] == 720) for b, t in rows.items()}
+    assert at_rung[8]["eval/loss"] > at_rung[2]["eval/loss"]
+    # Equal tokens, unequal steps: about four times the steps for a quarter of the batch.
+    assert at_rung[2]["global_step"] >= 3 * at_rung[8]["global_step"]
 
 
 @pytest.mark.slow

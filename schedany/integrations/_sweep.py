@@ -11,6 +11,7 @@ in full before Ray starts. Does not import ray.
       metric: eval/loss
       mode: min
       scheduler: none                       # none | asha | pbt
+      time_attr: global_step                # or clock/steps | clock/samples | clock/tokens
 
 Every mistake is a :class:`~schedany.config.ConfigError` naming the dotted path in the
 sweep file (``search.schedules.lr.num_warmup_stepz: ...``).
@@ -36,15 +37,29 @@ from ._tune_space import Distribution, parse_search, set_path
 _BLOCKS = [f.name for f in dataclasses.fields(TrainConfig)]
 PBT_MUTABLE_BLOCKS = ("optimizer", "extend", "schedules", "control")
 
+TimeAttr = Literal["global_step", "clock/steps", "clock/samples", "clock/tokens"]
+TIME_UNITS: dict[str, Literal["steps", "samples", "tokens"]] = {
+    "global_step": "steps",
+    "clock/steps": "steps",
+    "clock/samples": "samples",
+    "clock/tokens": "tokens",
+}
+"""The unit each ``tune.time_attr`` counts."""
+
 
 @dataclass
 class AshaSection:
-    """``tune.asha:`` — asynchronous successive halving, on optimizer steps."""
+    """``tune.asha:`` — asynchronous successive halving, counted in ``tune.time_attr``.
+
+    :func:`load_sweep` fills in ``max_t`` and ``grace_period`` when they are ``null``."""
 
     max_t: int | None = field(default=None, metadata={"min": 1})
-    """Longest a trial runs, in optimizer steps; ``null``: ``train.steps``."""
+    """Longest a trial runs, in the unit of ``tune.time_attr``; ``null``: the train
+    budget, when it counts that unit (``train.tokens`` for ``clock/tokens``), else
+    required."""
     grace_period: int | None = field(default=None, metadata={"min": 1})
-    """Steps before a trial can be stopped; ``null``: ``train.log_every``."""
+    """How long before a trial can be stopped, in that unit; ``null``:
+    ``train.log_every``."""
     reduction_factor: float = field(default=3.0, metadata={"gt": 1.0})
     """How aggressively trials are halved at each rung."""
     brackets: int = field(default=1, metadata={"min": 1})
@@ -53,13 +68,14 @@ class AshaSection:
 
 @dataclass
 class PbtSection:
-    """``tune.pbt:`` — population based training, on optimizer steps."""
+    """``tune.pbt:`` — population based training, counted in ``tune.time_attr``."""
 
     perturbation_interval: int | None = field(default=None, metadata={"min": 1})
-    """Optimizer steps between exploit/explore decisions; a multiple of
-    ``train.log_every`` (trials report and checkpoint on that cadence). Required."""
+    """Time between exploit/explore decisions, in the unit of ``tune.time_attr``; a
+    multiple of ``train.log_every`` (trials report and checkpoint on that cadence).
+    Required."""
     burn_in_period: int = field(default=0, metadata={"min": 0})
-    """Steps before the first perturbation."""
+    """Time before the first perturbation, in that unit."""
     quantile_fraction: float = field(default=0.25, metadata={"min": 0.0})
     """Bottom fraction that clones a top trial (at most 0.5)."""
     resample_probability: float = field(default=0.25, metadata={"min": 0.0})
@@ -98,6 +114,11 @@ class TuneSection:
     """Samples of the search space (a ``grid`` runs each of its values this many times)."""
     scheduler: Literal["none", "asha", "pbt"] = "none"
     """Trial scheduler: run all to the end, ASHA early stopping, or PBT."""
+    time_attr: TimeAttr = "global_step"
+    """What ASHA and PBT count time in: optimizer steps (``global_step``) or a reading of
+    the training clock (docs/clock.md), so that trials whose steps consume different
+    amounts of data are compared at equal samples or tokens. Its unit must be
+    ``train.axis``, the unit trials report in."""
     asha: AshaSection = field(default_factory=AshaSection)
     """ASHA settings (``scheduler: asha``)."""
     pbt: PbtSection = field(default_factory=PbtSection)
@@ -138,6 +159,11 @@ class Sweep:
     def name(self) -> str:
         return self.tune.name or self.path.stem
 
+    @property
+    def time_unit(self) -> Literal["steps", "samples", "tokens"]:
+        """The unit ``tune.time_attr`` counts."""
+        return TIME_UNITS[self.tune.time_attr]
+
 
 def _check_space(base: dict[str, Any], space: dict[str, Distribution], block: str) -> None:
     """Try every probe value of every path on the base config."""
@@ -164,9 +190,56 @@ def _check_space(base: dict[str, Any], space: dict[str, Distribution], block: st
                 ) from None
 
 
+def _check_time_attr(sweep: Sweep) -> None:
+    """ASHA and PBT see a trial's time only at its reports, which come every
+    ``train.log_every`` units of ``train.axis``; counting time in another unit would
+    put rungs and perturbations between reports and make the defaults meaningless."""
+    unit, axis = sweep.time_unit, sweep.config.train.axis
+    if unit != axis:
+        same = "global_step" if axis == "steps" else f"clock/{axis}"
+        raise ConfigError(
+            "tune.time_attr",
+            f"{sweep.tune.time_attr} counts {unit}, but train.axis is {axis}: trials report "
+            f"every train.log_every {axis}; set train.axis: {unit} (and train.log_every in "
+            f"{unit}) in the base config or set:, or tune.time_attr: {same}",
+        )
+
+
+def _budget_in(sweep: Sweep) -> int | None:
+    """The train budget when it counts the time_attr's unit, else None."""
+    unit, amount = sweep.config.train.budget()
+    return amount if unit == sweep.time_unit else None
+
+
+def _check_asha(sweep: Sweep) -> None:
+    """Check ``tune.asha`` and fill in its defaults."""
+    asha, unit = sweep.tune.asha, sweep.time_unit
+    budget = _budget_in(sweep)
+    if asha.max_t is None:
+        if budget is None:
+            raise ConfigError(
+                "tune.asha.max_t",
+                f"required field is missing (tune.time_attr {sweep.tune.time_attr} counts "
+                f"{unit} but the budget is train.{sweep.config.train.budget()[0]}: give the "
+                f"longest a trial runs, in {unit})",
+            )
+        asha.max_t = budget
+    elif budget is not None and asha.max_t > budget:
+        raise ConfigError(
+            "tune.asha.max_t", f"expected at most train.{unit} ({budget}), got {asha.max_t}"
+        )
+    if asha.grace_period is None:
+        asha.grace_period = sweep.config.train.log_every
+    if asha.grace_period > asha.max_t:
+        raise ConfigError(
+            "tune.asha.grace_period",
+            f"expected at most max_t ({asha.max_t}), got {asha.grace_period}",
+        )
+
+
 def _check_pbt(sweep: Sweep) -> None:
     t, train = sweep.tune, sweep.config.train
-    pbt = t.pbt
+    pbt, unit = t.pbt, sweep.time_unit
     if t.resources.workers > 1:
         raise ConfigError(
             "tune.resources.workers",
@@ -182,13 +255,14 @@ def _check_pbt(sweep: Sweep) -> None:
     if pbt.perturbation_interval % train.log_every:
         raise ConfigError(
             "tune.pbt.perturbation_interval",
-            f"expected a multiple of train.log_every ({train.log_every}), the step cadence at "
-            f"which trials report and checkpoint, got {pbt.perturbation_interval}",
+            f"expected a multiple of train.log_every ({train.log_every}), the cadence in "
+            f"{unit} at which trials report and checkpoint, got {pbt.perturbation_interval}",
         )
-    if pbt.perturbation_interval >= train.steps:
+    budget = _budget_in(sweep)
+    if budget is not None and pbt.perturbation_interval >= budget:
         raise ConfigError(
             "tune.pbt.perturbation_interval",
-            f"expected fewer steps than train.steps ({train.steps}) or PBT never perturbs, "
+            f"expected less than train.{unit} ({budget}) or PBT never perturbs, "
             f"got {pbt.perturbation_interval}",
         )
     if pbt.quantile_fraction > 0.5:
@@ -272,20 +346,12 @@ def load_sweep(path: str | os.PathLike[str], num_samples: int | None = None) -> 
         mutations = parse_search(tune.pbt.mutations, "tune.pbt.mutations")
         _check_space(base, mutations, "tune.pbt.mutations")
     sweep = Sweep(sweep_path, base_path, base, search, mutations, tune, config)
+    if tune.scheduler != "none":
+        _check_time_attr(sweep)
     if tune.scheduler == "pbt":
         _check_pbt(sweep)
     if tune.scheduler == "asha":
-        asha, steps = tune.asha, config.train.steps
-        if asha.max_t is not None and asha.max_t > steps:
-            raise ConfigError(
-                "tune.asha.max_t", f"expected at most train.steps ({steps}), got {asha.max_t}"
-            )
-        grace = asha.grace_period or config.train.log_every
-        if grace > (asha.max_t or steps):
-            raise ConfigError(
-                "tune.asha.grace_period",
-                f"expected at most max_t ({asha.max_t or steps}), got {grace}",
-            )
+        _check_asha(sweep)
     if tune.resources.workers > 1 and config.distributed.strategy == "none":
         raise ConfigError(
             "tune.resources.workers",

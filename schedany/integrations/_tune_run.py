@@ -26,7 +26,7 @@ from torch.optim import Optimizer
 from .._clock import Clock
 from .._record import StepRecord, schedule_tags
 from .._synchronous import SynchronousSchedule
-from ..config import TrainConfig
+from ..config import TrainConfig, TrainSection
 from ..job.build import build_controller, build_run
 from ..job.distributed import is_rank0
 from ..job.trainer import Report, Trainer, TrainResult, train
@@ -75,6 +75,26 @@ def trial_config(
         progress="none",
     )
     return dataclasses.replace(config, train=train_section)
+
+
+def report_key(unit: str) -> str:
+    """``report/<unit>``: in every report of :func:`run_trial`, the multiple of
+    ``train.log_every`` (in ``train.axis`` units) the report is for."""
+    return f"report/{unit}"
+
+
+def tune_metrics(metrics: Mapping[str, float], train: TrainSection) -> dict[str, Any]:
+    """A trial's report: the job's ``metrics`` with ``global_step`` and ``clock/*`` as
+    integers, and :func:`report_key` of ``train.axis``. A report comes at the first
+    step whose clock crosses a multiple of ``log_every``; the multiple it crossed is
+    what Tune's schedulers count (the last report, at the budget, may cross none)."""
+    out: dict[str, Any] = dict(metrics)
+    for key in ("global_step", "clock/steps", "clock/samples", "clock/tokens"):
+        if key in out:
+            out[key] = int(out[key])
+    reading = out[f"clock/{train.axis}"]
+    out[report_key(train.axis)] = reading - reading % train.log_every
+    return out
 
 
 class TuneTrainer(Trainer):
@@ -164,14 +184,15 @@ class _Reporter:
     """The trainer's ``report``: each call becomes one ``tune.report`` whose checkpoint
     is the job checkpoint written at the same step (plus the trial's values)."""
 
-    def __init__(self, values: Mapping[str, Any], staging: Path) -> None:
+    def __init__(self, values: Mapping[str, Any], staging: Path, train: TrainSection) -> None:
         self.values = dict(values)
         self.staging = staging
+        self.train = train
 
     def __call__(self, metrics: dict[str, float], checkpoint_path: str | None) -> None:
         from ray import tune
 
-        metrics = {**metrics, "global_step": int(metrics["global_step"])}
+        metrics = tune_metrics(metrics, self.train)
         if checkpoint_path is None:
             tune.report(metrics)
             return
@@ -206,7 +227,7 @@ def run_trial(values: dict[str, Any], *, settings: TrialSettings) -> None:
     with tempfile.TemporaryDirectory(prefix="staging-", dir=job_dir) as staging:
         _run(
             config,
-            report=_Reporter(values, Path(staging)),
+            report=_Reporter(values, Path(staging), config.train),
             # A restart after a crash has the same values and resumes as `schedany train`.
             rebuild_schedule=saved is not None and saved != values,
         )
@@ -259,7 +280,7 @@ def _ddp_worker(loop_config: dict[str, Any]) -> None:
     config = trial_config(config, loop_config["trial_dir"], settings.metric)
 
     def report(metrics: dict[str, float], checkpoint_path: str | None) -> None:
-        ray.train.report({**metrics, "global_step": int(metrics["global_step"])})
+        ray.train.report(tune_metrics(metrics, config.train))
 
     def others_report(path: str) -> None:
         # ray.train.report is a barrier over all workers; the trainer reports on rank 0

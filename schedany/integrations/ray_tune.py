@@ -44,6 +44,7 @@ from ._tune_run import (
     TrialSettings,
     job_folder,
     report,
+    report_key,
     restore,
     run_trial,
     schedule_metrics,
@@ -181,29 +182,37 @@ def ray_session(
 # --- the Tuner --------------------------------------------------------------------------
 
 
-TIME_ATTR = "global_step"
-"""ASHA and PBT count time in optimizer steps (every report carries it)."""
+def scheduler_time_attr(sweep: Sweep) -> str:
+    """The report key ASHA and PBT count ``tune.time_attr`` in: a clock reading as
+    ``report/<unit>``, the multiple of ``train.log_every`` the report is for. A step's
+    samples or tokens vary, so the reading lands a little past that multiple, and PBT,
+    which compares differences of readings with its interval, would skip reports."""
+    if sweep.tune.time_attr == "global_step":
+        return "global_step"
+    return report_key(sweep.time_unit)
 
 
 def make_scheduler(sweep: Sweep) -> Any:
     """The Ray Tune trial scheduler of ``tune.scheduler`` (``None`` for ``none``)."""
-    t, train = sweep.tune, sweep.config.train
+    t = sweep.tune
     if t.scheduler == "none":
         return None
     from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
 
     if t.scheduler == "asha":
+        # load_sweep filled in the defaults, in the unit of tune.time_attr.
+        assert t.asha.max_t is not None and t.asha.grace_period is not None
         return ASHAScheduler(
-            time_attr=TIME_ATTR,
-            max_t=t.asha.max_t or train.steps,
-            grace_period=t.asha.grace_period or train.log_every,
+            time_attr=scheduler_time_attr(sweep),
+            max_t=t.asha.max_t,
+            grace_period=t.asha.grace_period,
             reduction_factor=t.asha.reduction_factor,
             brackets=t.asha.brackets,
         )
     pbt = t.pbt
     assert pbt.perturbation_interval is not None  # load_sweep checked it
     return PopulationBasedTraining(
-        time_attr=TIME_ATTR,
+        time_attr=scheduler_time_attr(sweep),
         perturbation_interval=pbt.perturbation_interval,
         burn_in_period=pbt.burn_in_period,
         hyperparam_mutations={p: d.to_mutation() for p, d in sweep.mutations.items()},
@@ -289,8 +298,11 @@ def make_tuner(sweep: Sweep, connection: Connection, *, verbose: int = 1) -> Any
             mode=t.mode,
             num_samples=t.num_samples,
             scheduler=make_scheduler(sweep),
-            search_alg=BasicVariantGenerator(random_state=t.seed),
-            max_concurrent_trials=t.max_concurrent_trials,
+            # The variant generator takes the limit itself: Tune ignores
+            # max_concurrent_trials next to a search_alg that is not a Searcher.
+            search_alg=BasicVariantGenerator(
+                random_state=t.seed, max_concurrent=t.max_concurrent_trials or 0
+            ),
         ),
         run_config=tune.RunConfig(
             name=sweep.name,
@@ -343,9 +355,11 @@ def _summary(sweep: Sweep, results: Any, connection: Connection) -> tuple[list[s
         return lines, False
     values = {k: best.config[k] for k in sweep.search if k in best.config}
     values.update({k: v for k, v in best.config.items() if k not in values})
+    at = f"at step {best.metrics.get('global_step')}"
+    if t.time_attr != "global_step":
+        at += f" ({t.time_attr} {best.metrics.get(t.time_attr)})"
     lines.append(
-        f"best trial: {Path(best.path).name}  {t.metric} {best.metrics[t.metric]:.6g} "
-        f"at step {best.metrics.get('global_step')}"
+        f"best trial: {Path(best.path).name}  {t.metric} {best.metrics[t.metric]:.6g} {at}"
     )
     lines.append("best config:")
     lines += [f"  {k}: {v!r}" for k, v in values.items()]
