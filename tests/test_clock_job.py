@@ -89,20 +89,32 @@ def test_token_budget_axis_and_cadences_in_one_process(tmp_path: Path) -> None:
     assert [s for s, _ in events["train/loss"]] == [tokens[s - 1] for s in logged]
 
 
+LOGICAL_BATCH = str(EXAMPLES / "logical_batch.yaml")
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "config, strategy, more",
+    [
+        (BASELINE, "ddp", []),
+        (BASELINE, "fsdp", []),
+        # Decisions from sample counts alone (8 rows per micro-step either way): 16, then
+        # growing to 64 rows per optimizer step.
+        (LOGICAL_BATCH, "ddp", ["control.items=samples", "extend.logical_batch_size=16"]),
+    ],
+    ids=["ddp", "fsdp", "logical_batch-ddp"],
+)
 def test_two_ranks_with_a_token_budget_stop_with_one_process_of_the_same_batch(
-    tmp_path: Path,
+    tmp_path: Path, config: str, strategy: str, more: list[str]
 ) -> None:
-    budget = [*SMALL, "train.steps=null", f"train.tokens={TOKENS}", "train.log_every=1"]
+    budget = [*SMALL, *more, "train.steps=null", f"train.tokens={TOKENS}", "train.log_every=1"]
     one, two = tmp_path / "one", tmp_path / "two"
-    single = launch(
-        ["train", BASELINE, *sets([*budget, "train.micro_batch_size=8"]), *run_args(one)]
-    )
+    single = launch(["train", config, *sets([*budget, "train.micro_batch_size=8"]), *run_args(one)])
     ranks = launch(
         [
             "train",
-            BASELINE,
-            *sets([*budget, "train.micro_batch_size=4", "distributed.strategy=ddp"]),
+            config,
+            *sets([*budget, "train.micro_batch_size=4", f"distributed.strategy={strategy}"]),
             *run_args(two),
         ],
         torchrun=["--nproc-per-node", "2"],
@@ -111,6 +123,7 @@ def test_two_ranks_with_a_token_budget_stop_with_one_process_of_the_same_batch(
     a, b = lines(one), lines(two)
     assert [line["clock"] for line in a] == [line["clock"] for line in b]  # global counts
     assert len(a) == len(b) and a[-1]["clock"]["tokens"] >= TOKENS
+    assert [line["micro_steps"] for line in a] == [line["micro_steps"] for line in b]
     for x, y in zip(a, b):
         assert x["schedule"] == pytest.approx(y["schedule"], rel=1e-12)
 
