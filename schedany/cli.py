@@ -67,7 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=_positive_int,
         metavar="N",
-        help="optimizer steps to preview (default: train.steps)",
+        help="optimizer steps to preview (default: the budget); with --unit, the points",
+    )
+    p.add_argument(
+        "--unit",
+        choices=["steps", "samples", "tokens"],
+        default="steps",
+        help="what the x axis counts (default: steps)",
     )
     p.add_argument("--tensorboard", metavar="DIR", help="also write the curves to TensorBoard")
     overrides(p)
@@ -112,7 +118,9 @@ def _train(args: argparse.Namespace) -> int:
 def _preview(args: argparse.Namespace) -> int:
     from .preview import preview_command
 
-    return preview_command(args.config, args.output, args.steps, args.tensorboard, args.overrides)
+    return preview_command(
+        args.config, args.output, args.steps, args.tensorboard, args.overrides, args.unit
+    )
 
 
 def _tune(args: argparse.Namespace) -> int:
@@ -141,7 +149,8 @@ def _validate(args: argparse.Namespace) -> int:
         unit, budget = config.train.budget()
         print(f"{args.config}: valid ({budget} {unit}; schedules follow the training clock)")
         return EXIT_OK
-    labels, values = trace(config)
+    result = trace(config)
+    labels, values = result.groups, result.values
     marks = sorted({1, max(1, steps // 4), max(1, steps // 2), max(1, 3 * steps // 4), steps})
     print(f"{args.config}: valid")
     opt = config.optimizer

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from ._clock import Clock
+from ._clock import Clock, Unit, check_unit
 from ._record import StepRecord, group_labels, schedule_tags
 from .config import ConfigError, TrainConfig, build_run, load_config
 from .config.parsing import check_int
@@ -41,40 +41,82 @@ TABLE_ROWS = 21
 
 class ScheduleTrace(NamedTuple):
     """Every scheduled value: ``values[key][s - 1][g]`` is the value of ``key`` in param
-    group ``g`` (labelled ``groups[g]``) used by optimizer step ``s``."""
+    group ``g`` (labelled ``groups[g]``) used by point ``s``: optimizer step ``s``, or with
+    another ``unit`` the span that ends at ``axis[s - 1]`` of that unit."""
 
     groups: list[str]
     values: dict[str, list[list[float]]]
+    unit: Unit = "steps"
+    """What the x axis counts."""
+    axis: tuple[int, ...] = ()
+    """The clock's reading in ``unit`` at the end of each point (the x a run logs it at)."""
 
     @property
     def steps(self) -> int:
         return len(next(iter(self.values.values()), []))
 
 
-def trace(
-    config: TrainConfig, steps: int | None = None, *, tensorboard: str | None = None
-) -> ScheduleTrace:
-    """Step the config's schedule ``steps`` times (default ``train.steps``) on a
-    throwaway optimizer and record each step's values; optionally write them to
-    TensorBoard under ``tensorboard`` with the tags a real run uses.
+def _per_step(config: TrainConfig) -> dict[str, int | None]:
+    """How many of each unit one optimizer step takes, where the config fixes it (one
+    process): samples without a controller; never tokens (samples differ in length)."""
+    samples = config.train.micro_batch_size if config.control.kind == "none" else None
+    return {"steps": 1, "samples": samples, "tokens": None}
 
-    The preview counts optimizer steps, so every schedule must count them too: how many
-    samples or tokens a step takes is the data's and the controller's to say.
-    """
+
+def _points(config: TrainConfig, unit: Unit, count: int | None) -> tuple[int, int, bool]:
+    """``(points, units per point, points are optimizer steps)`` for a trace in ``unit``."""
+    per_step = _per_step(config)
+    stepwise = per_step[unit] is not None
     for name, spec in config.schedules.items():
-        if spec.unit != "steps":
+        placeable = spec.unit == unit or (stepwise and per_step[spec.unit] is not None)
+        if not placeable:
             raise ConfigError(
                 f"schedules.{name}.unit",
-                f"counts {spec.unit}, and the config does not fix how many {spec.unit} an "
-                "optimizer step takes, which preview counts; a run shows it against "
-                f"clock/{spec.unit} (train.axis: {spec.unit})",
+                f"counts {spec.unit}, and the config does not fix how many {spec.unit} make "
+                f"one of the {unit} the preview counts (--unit {unit}); preview it with "
+                f"--unit {spec.unit}, or see it against clock/{spec.unit} in a run",
             )
-    if steps is None and config.train.steps is None:
-        unit, _ = config.train.budget()
-        raise ConfigError(f"train.{unit}", "preview counts optimizer steps; pass --steps N")
-    if steps is None:
-        steps = config.train.steps
-    steps = check_integer(steps, "steps", min=1, func="trace")
+    budget_unit, budget = config.train.budget()
+    if stepwise:
+        per_budget_unit = per_step[budget_unit]
+        if count is None and per_budget_unit is None:
+            raise ConfigError(
+                f"train.{budget_unit}", "preview counts optimizer steps here; pass --steps N"
+            )
+        steps = count if count is not None else -(-budget // per_budget_unit)
+        return steps, per_step[unit], True
+    if budget_unit != unit:
+        raise ConfigError(
+            f"train.{budget_unit}",
+            f"preview --unit {unit} spans a train.{unit} budget, and this config's budget "
+            f"is in {budget_unit}",
+        )
+    count = count or min(budget, 200)
+    return count, -(-budget // count), False
+
+
+def trace(
+    config: TrainConfig,
+    steps: int | None = None,
+    *,
+    tensorboard: str | None = None,
+    unit: Unit = "steps",
+) -> ScheduleTrace:
+    """Every scheduled value the job would use, on a throwaway optimizer, without
+    training; optionally written to TensorBoard under ``tensorboard`` with the tags (and
+    the x axis, ``train.axis: unit``) a real run uses.
+
+    ``unit="steps"``: ``steps`` optimizer steps (default: the budget). Another unit: the
+    x axis counts it, and every schedule must be placeable on it. A schedule in a unit
+    whose conversion the config does not fix (tokens per step; steps under a controller)
+    is a :class:`~schedany.config.ConfigError` naming it and both units. Without a fixed
+    conversion the points split the budget into ``steps`` (default up to 200) spans.
+    """
+    unit = check_unit(unit, "trace")
+    if steps is not None:
+        steps = check_integer(steps, "steps", min=1, func="trace")
+    points, width, stepwise = _points(config, unit, steps)
+    samples_per_step = _per_step(config)["samples"] or 0
     clock = Clock()
     optimizer, schedule = build_run(config, clock=clock)
     tags = schedule_tags(schedule)
@@ -86,20 +128,29 @@ def trace(
         logger = ScheduleLogger(schedule, log_dir=tensorboard, purge_step=1)
     names = schedule.schedule_names
     values: dict[str, list[list[float]]] = {name: [] for name in names}
+    axis = []
     try:
-        for step in range(1, steps + 1):
+        for _ in range(points):
             optimizer.step()  # no gradients, nothing changes: it keeps torch's order check happy
-            clock.advance()  # steps only: a preview consumes no data
+            if stepwise:  # one optimizer step, of the data the config fixes
+                clock.advance(samples=samples_per_step)
+            else:  # a span of `unit`, whatever steps it takes
+                clock.load_state_dict({**clock.state_dict(), unit: clock.read(unit) + width})
             record = dataclasses.replace(StepRecord.read(schedule), clock=None)
             for name in names:
                 values[name].append(record.schedule[name])
+            axis.append(clock.read(unit))
             if logger is not None:
-                logger.log_scalars(step, record.scalars(tags))
+                logger.log_scalars(axis[-1], record.scalars(tags))
             schedule.step()
     finally:
         if logger is not None:
             logger.close()
-    return ScheduleTrace(group_labels(optimizer.param_groups), values)
+    return ScheduleTrace(group_labels(optimizer.param_groups), values, unit, tuple(axis))
+
+
+def _x_label(result: ScheduleTrace) -> str:
+    return "step" if result.unit == "steps" else result.unit
 
 
 def table_steps(steps: int) -> list[int]:
@@ -114,8 +165,12 @@ def format_table(result: ScheduleTrace, steps: Sequence[int] | None = None) -> s
     """One row per step, one column per ``key/group``; values to 6 significant digits."""
     steps = table_steps(result.steps) if steps is None else steps
     columns = [(key, g) for key in result.values for g in range(len(result.groups))]
-    header = ["step"] + [f"{key}/{result.groups[g]}" for key, g in columns]
-    rows = [[str(s)] + [f"{result.values[key][s - 1][g]:.6g}" for key, g in columns] for s in steps]
+    header = [_x_label(result)] + [f"{key}/{result.groups[g]}" for key, g in columns]
+    x = result.axis or range(1, result.steps + 1)
+    rows = [
+        [str(x[s - 1])] + [f"{result.values[key][s - 1][g]:.6g}" for key, g in columns]
+        for s in steps
+    ]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     return "\n".join(
         "  ".join(cell.rjust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]
@@ -134,7 +189,7 @@ def plot_trace(result: ScheduleTrace, title: str = "") -> Figure:
     keys = list(result.values)
     fig = Figure(figsize=(_FIGURE_WIDTH_IN, _MARGIN_IN + _PANEL_HEIGHT_IN * len(keys)), dpi=DPI)
     axes = fig.subplots(len(keys), 1, sharex=True, squeeze=False)[:, 0]
-    x = list(range(1, result.steps + 1))
+    x = list(result.axis or range(1, result.steps + 1))
     for ax, key in zip(axes, keys):
         for g, label in enumerate(result.groups):
             # Groups often share a curve; a line style per group keeps each one visible.
@@ -144,7 +199,7 @@ def plot_trace(result: ScheduleTrace, title: str = "") -> Figure:
         ax.grid(True, alpha=0.3)
         if len(result.groups) > 1:
             ax.legend(fontsize=8, loc="best")
-    axes[-1].set_xlabel("optimizer step")
+    axes[-1].set_xlabel("optimizer step" if result.unit == "steps" else result.unit)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -157,8 +212,10 @@ def preview_command(
     steps: int | None,
     tensorboard: str | None,
     overrides: list[str],
+    unit: Unit = "steps",
 ) -> int:
-    """``schedany preview CONFIG [-o FILE.png] [--steps N] [--tensorboard DIR] [--set k=v]``.
+    """``schedany preview CONFIG [-o FILE.png] [--steps N] [--unit U] [--tensorboard DIR]
+    [--set k=v]``.
 
     Plots one panel per key to ``output`` (any format matplotlib writes, by suffix),
     else prints a compact table; ``tensorboard`` also writes the curves there. Returns
@@ -181,10 +238,15 @@ def preview_command(
                 f"expected a file ending in .png (or .{', .'.join(sorted(formats))}), "
                 f"got {output!r}",
             )
-    result = trace(config, steps, tensorboard=tensorboard)
-    where = f"{config_path}: {result.steps} optimizer steps"
+    result = trace(config, steps, tensorboard=tensorboard, unit=unit)
+    if unit == "steps":
+        where = f"{config_path}: {result.steps} optimizer steps"
+        what = "the value each step used (step s: after s-1 schedule steps)"
+    else:
+        where = f"{config_path}: {result.axis[-1]} {unit} in {result.steps} spans"
+        what = f"the value each span used, by the {unit} at its end"
     if output is None:
-        print(f"{where}; the value each step used (step s: after s-1 schedule steps)")
+        print(f"{where}; {what}")
         print(format_table(result))
     else:
         path = Path(output)

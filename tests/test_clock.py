@@ -255,3 +255,73 @@ def test_config_units() -> None:
         ConfigError, match=r"^schedules\.weight_decay\.every: expected an integer >= 1, got 0"
     ):
         build_schedule(adamw(), bad, clock=Clock())
+
+
+# --- preview --unit ------------------------------------------------------------------
+
+PREVIEW = """\
+optimizer: {name: AdamW, lr: 2.0, weight_decay: 0.1}
+schedules:
+  lr: {curve: linear_schedule_with_warmup, warmup_to_value: 1.0, anneal_to_value: 0.0,
+       num_warmup_steps: 100, num_training_steps: 1000, unit: tokens}
+train: {steps: null, tokens: 1000, micro_batch_size: 4}
+"""
+
+
+def write_config(tmp_path, text: str):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_preview_in_tokens_is_each_curve_at_the_span_start(tmp_path, capsys) -> None:
+    from schedany.cli import main
+    from schedany.config import load_config
+    from schedany.preview import trace
+
+    path = write_config(tmp_path, PREVIEW)
+    result = trace(load_config(path), 10, unit="tokens")
+    assert result.axis == tuple(range(100, 1001, 100))
+    curve = BUILTIN_CURVES["linear_schedule_with_warmup"](1.0, 0.0, 100, 1000)
+    assert [row[0] for row in result.values["lr"]] == [2.0 * curve(x - 100) for x in result.axis]
+    assert main(["preview", str(path), "--unit", "tokens", "--steps", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "1000 tokens in 4 spans" in out
+    assert out.splitlines()[1].split() == ["tokens", "lr/pg0"]
+    assert out.splitlines()[3].split() == ["500", f"{2.0 * (1 - 150 / 900):.6g}"]
+    # Counted in steps, the config does not fix where a token schedule is: exit 2.
+    assert main(["preview", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "schedules.lr.unit: counts tokens" in err and "(--unit steps)" in err
+
+
+def test_preview_refuses_a_step_schedule_on_a_token_axis(tmp_path) -> None:
+    from schedany.config import load_config
+    from schedany.preview import trace
+
+    text = PREVIEW + "  # and a schedule in optimizer steps\n"
+    text = text.replace("train:", "  weight_decay: {curve: constant_schedule, value: 0.5}\ntrain:")
+    with pytest.raises(
+        ConfigError, match=r"^schedules\.weight_decay\.unit: counts steps, .* \(--unit tokens\)"
+    ):
+        trace(load_config(write_config(tmp_path, text)), unit="tokens")
+
+
+def test_preview_in_samples_without_a_controller_places_step_schedules(tmp_path) -> None:
+    from schedany.config import load_config
+    from schedany.preview import trace
+
+    text = """\
+optimizer: {name: AdamW, lr: 1.0, weight_decay: 0.1}
+schedules:
+  lr: {curve: cosine_annealing_with_warmup, warmup_to_value: 1.0, anneal_to_value: 0.1,
+       num_warmup_steps: 2, num_training_steps: 10}
+  weight_decay: {scheduler: StepLR, step_size: 1, gamma: 0.5, unit: samples, every: 6}
+train: {steps: 10, micro_batch_size: 4}
+"""
+    result = trace(load_config(write_config(tmp_path, text)), unit="samples")
+    assert result.axis == tuple(range(4, 41, 4))  # 4 rows per optimizer step, one process
+    lr = BUILTIN_CURVES["cosine_annealing_with_warmup"](1.0, 0.1, 2, 10)
+    assert [row[0] for row in result.values["lr"]] == [lr(s) for s in range(10)]
+    wd = [row[0] for row in result.values["weight_decay"]]
+    assert wd == [0.1 * 0.5 ** ((x - 4) // 6) for x in result.axis]
