@@ -101,8 +101,10 @@ LOGICAL_BATCH = str(EXAMPLES / "logical_batch.yaml")
         # Decisions from sample counts alone (8 rows per micro-step either way): 16, then
         # growing to 64 rows per optimizer step.
         (LOGICAL_BATCH, "ddp", ["control.items=samples", "extend.logical_batch_size=16"]),
+        # Tokens counted by the controller's own exchange, no all-reduce of the trainer's.
+        (LOGICAL_BATCH, "ddp", ["extend.logical_batch_size=300"]),
     ],
-    ids=["ddp", "fsdp", "logical_batch-ddp"],
+    ids=["ddp", "fsdp", "logical_batch-samples-ddp", "logical_batch-tokens-ddp"],
 )
 def test_two_ranks_with_a_token_budget_stop_with_one_process_of_the_same_batch(
     tmp_path: Path, config: str, strategy: str, more: list[str]

@@ -1,15 +1,13 @@
 """The reference training job: read it top to bottom.
 
 One optimizer step = micro-batches until the controller is ready (one, without a
-controller), then ``optimizer.step(); optimizer.zero_grad()``, the step's values are
-recorded (a :class:`~schedany._record.StepRecord`), and ``schedule.step()``. Evaluation,
-checkpoints, logs and ``report`` happen between optimizer steps, never inside a logical
-batch; they all write that record.
+controller), ``optimizer.step()``, the clock advanced by the step's data, the step's
+record (:class:`~schedany._record.StepRecord`), then ``schedule.step()``. Evaluation,
+checkpoints, logs and ``report`` happen between optimizer steps and write that record.
 
-Entry points: :func:`train` (programmatic) and ``schedany train CONFIG`` (the CLI).
-A run whose ``train.checkpoint_dir`` holds a checkpoint resumes from it exactly:
-model, optimizer (extended keys included), schedule, controller, data position and
-RNG state.
+Entry points: :func:`train` and ``schedany train CONFIG``. A run whose
+``train.checkpoint_dir`` holds a checkpoint resumes from it exactly: model, optimizer,
+schedule and clock, controller, data position and RNG state.
 """
 
 from __future__ import annotations
@@ -33,13 +31,7 @@ from . import checkpoint as ckpt
 from ._faults import FAULT_MARKER_ENV, FAULT_RANK_ENV, FAULT_STEP_ENV, maybe_inject_fault
 from .build import build_controller, build_model, build_run
 from .data import MicroBatchSampler, eval_batches, load_corpus
-from .distributed import (
-    init_distributed,
-    is_rank0,
-    teardown,
-    unwrap_model,
-    wrap_model,
-)
+from .distributed import init_distributed, is_rank0, teardown, unwrap_model, wrap_model
 from .model import loss as lm_loss
 
 __all__ = [
@@ -175,16 +167,25 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.clock.advance(*self._global(samples, tokens))
+        control = None if ctl is None else ctl.metrics()
+        dropped = control is not None and control["dropped_batches"] != dropped_before
+        self.clock.advance(*self._global(samples, tokens, control, dropped))
         record = StepRecord.read(self.schedule, ctl)  # before schedule.step(): what this step used
         self.schedule.step()
         return record, micro_steps
 
-    def _global(self, samples: int, tokens: int) -> tuple[int, int]:
-        """This step's samples and tokens over all ranks (data consumed by dropped batches
-        included). Under torchrun: one all-reduce of two integers per optimizer step."""
+    def _global(
+        self, samples: int, tokens: int, control: dict[str, float] | None, dropped: bool
+    ) -> tuple[int, int]:
+        """This step's samples and tokens over all ranks, data of dropped batches included.
+
+        Every rank reads ``micro_batch_size`` rows per micro-step, as many micro-steps as
+        the others, so samples need no collective. A controller counting tokens has summed
+        them over all ranks already (unless a batch was dropped); else one all-reduce."""
         if not dist.is_initialized():
             return samples, tokens
+        if self.per_token and not dropped and control is not None:
+            return samples * self.env.world_size, int(control["items"])
         counts = torch.tensor([samples, tokens], dtype=torch.int64, device=self.device)
         dist.all_reduce(counts)
         total_samples, total_tokens = counts.tolist()
