@@ -120,9 +120,9 @@ class SynchronousSchedule(LRScheduler):
         self._schedules = members
         self._targets = targets
         self._plateau = [s for s in members.values() if isinstance(s, ReduceLROnPlateau)]
-        self._others = [s for s in members.values() if not isinstance(s, ReduceLROnPlateau)]
-        # (name, member, unit, every, closed form?) per clocked member, fixed at build time.
-        self._clocked = [
+        # (name, member, unit, every, closed form?) of the members that step without a
+        # metric, fixed at build time so step() only reads them.
+        self._others = [
             (name, s, *bound_unit(s), isinstance(s, LambdaLR))
             for name, s in members.items()
             if not isinstance(s, ReduceLROnPlateau)
@@ -149,11 +149,11 @@ class SynchronousSchedule(LRScheduler):
                 f"schedule(s) {names}: call step(metric)"
             )
         if self.clock is None:
-            for schedule in self._others:
+            for _, schedule, *_ in self._others:
                 schedule.step()
         else:
             counts = self.clock.state_dict()
-            for name, schedule, unit, every, closed_form in self._clocked:
+            for name, schedule, unit, every, closed_form in self._others:
                 _catch_up(name, schedule, counts[unit], unit, every, closed_form)
         for schedule in self._plateau:
             schedule.step(*args, **kwargs)

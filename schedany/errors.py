@@ -122,11 +122,11 @@ def is_real(value: Any) -> bool:
 
 
 def _bounded(what: str, min: float | None, gt: float | None, lt: float | None = None) -> str:
+    """``"an integer >= 0"``, ``"a finite number > 0"``, ``"a number in (0, 1)"``."""
     if gt is not None and lt is not None:
         return f"a number in ({gt:g}, {lt:g})"
-    if gt is not None:
-        return f"{what} > {gt}"
-    return f"{what} >= {min}" if min is not None else what
+    bounds = [f"{op} {b}" for op, b in ((">=", min), (">", gt), ("<", lt)) if b is not None]
+    return " and ".join([f"{what} {bounds[0]}", *bounds[1:]]) if bounds else what
 
 
 def check_integer(
