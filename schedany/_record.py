@@ -79,10 +79,16 @@ class StepRecord:
 
     @classmethod
     def read(
-        cls, schedule: SynchronousSchedule, controller: Controller | None = None
+        cls,
+        schedule: SynchronousSchedule,
+        controller: Controller | None = None,
+        metrics: Mapping[str, float] | None = None,
     ) -> StepRecord:
+        """``metrics``: the controller's ``metrics()`` if the caller has just read them."""
         values = {key: schedule.get_last_schedule(key) for key in schedule.schedule_names}
-        control = None if controller is None else dict(controller.metrics())
+        if controller is not None and metrics is None:
+            metrics = controller.metrics()
+        control = None if controller is None else dict(metrics)
         clock = None if schedule.clock is None else schedule.clock.state_dict()
         return cls(values, control, clock)
 

@@ -15,6 +15,8 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
+from ._clock import UNITS
+
 __all__ = ["build_parser", "main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -71,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--unit",
-        choices=["steps", "samples", "tokens"],
+        choices=UNITS,
         default="steps",
         help="what the x axis counts (default: steps)",
     )

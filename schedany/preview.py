@@ -64,7 +64,8 @@ def _per_step(config: TrainConfig) -> dict[str, int | None]:
 
 
 def _points(config: TrainConfig, unit: Unit, count: int | None) -> tuple[int, int, bool]:
-    """``(points, units per point, points are optimizer steps)`` for a trace in ``unit``."""
+    """``(points, width, points are optimizer steps)`` for a trace in ``unit``; the width
+    is the samples of one step when points are steps, else the units a point spans."""
     per_step = _per_step(config)
     stepwise = per_step[unit] is not None
     for name, spec in config.schedules.items():
@@ -84,7 +85,7 @@ def _points(config: TrainConfig, unit: Unit, count: int | None) -> tuple[int, in
                 f"train.{budget_unit}", "preview counts optimizer steps here; pass --steps N"
             )
         steps = count if count is not None else -(-budget // per_budget_unit)
-        return steps, per_step[unit], True
+        return steps, per_step["samples"] or 0, True
     if budget_unit != unit:
         raise ConfigError(
             f"train.{budget_unit}",
@@ -116,7 +117,6 @@ def trace(
     if steps is not None:
         steps = check_integer(steps, "steps", min=1, func="trace")
     points, width, stepwise = _points(config, unit, steps)
-    samples_per_step = _per_step(config)["samples"] or 0
     clock = Clock()
     optimizer, schedule = build_run(config, clock=clock)
     tags = schedule_tags(schedule)
@@ -133,9 +133,9 @@ def trace(
         for _ in range(points):
             optimizer.step()  # no gradients, nothing changes: it keeps torch's order check happy
             if stepwise:  # one optimizer step, of the data the config fixes
-                clock.advance(samples=samples_per_step)
-            else:  # a span of `unit`, whatever steps it takes
-                clock.load_state_dict({**clock.state_dict(), unit: clock.read(unit) + width})
+                clock.advance(samples=width)
+            else:  # a span of `unit`; every schedule counts `unit`, so the step count is moot
+                clock.advance(**{unit: width})
             record = dataclasses.replace(StepRecord.read(schedule), clock=None)
             for name in names:
                 values[name].append(record.schedule[name])

@@ -10,15 +10,7 @@ import torch.optim
 from torch.optim import Optimizer
 
 from ._schema import OptimizerSection
-from .parsing import (
-    ConfigError,
-    as_mapping,
-    check_number,
-    did_you_mean,
-    expected,
-    show,
-    unknown_key,
-)
+from .parsing import ConfigError, as_mapping, check_number, expected, unknown_key, unknown_name
 
 GROUP_NAMES = ("decay", "no_decay")
 _NON_NEGATIVE = ("lr", "weight_decay", "momentum", "eps", "dampening")
@@ -76,11 +68,7 @@ def parse_optimizer(data: Any, path: str = "optimizer") -> OptimizerSection:
     name = data.pop("name", "AdamW")
     names = _optimizer_names()
     if not isinstance(name, str) or name not in names:
-        hint = did_you_mean(str(name), names)
-        raise ConfigError(
-            f"{path}.name",
-            f"expected a class of torch.optim{hint}, got {show(name)}; known: {', '.join(names)}",
-        )
+        raise unknown_name(f"{path}.name", name, names, "a class of torch.optim")
     if name in _NEEDS_CLOSURE:
         raise ConfigError(
             f"{path}.name",
@@ -133,9 +121,10 @@ def initial_value(section: OptimizerSection, key: str) -> Any:
     the block, else the class's default. ``KeyError`` if the class takes no such argument."""
     if key in section.kwargs:
         return section.kwargs[key]
-    if key not in _arguments(optimizer_class(section.name)):
+    cls = optimizer_class(section.name)
+    if key not in _arguments(cls):
         raise KeyError(key)
-    default = inspect.signature(optimizer_class(section.name).__init__).parameters[key].default
+    default = inspect.signature(cls.__init__).parameters[key].default
     return None if default is inspect.Parameter.empty else default
 
 

@@ -22,7 +22,7 @@ from ..curves import BUILTIN_CURVES, Curve
 from ..errors import ArgumentError, TargetError, is_real
 from ._optimizer import make_optimizer, placeholder_groups
 from ._schema import ScheduleSpec, TrainConfig
-from ._spec import REGISTRY, builtin_curve, parse_schedules
+from ._spec import REGISTRY, parse_schedules
 from .parsing import (
     ConfigError,
     as_mapping,
@@ -65,7 +65,7 @@ def _build_one(optimizer: Optimizer, spec: ScheduleSpec, path: str) -> LRSchedul
 def _construct(optimizer: Optimizer, spec: ScheduleSpec, path: str) -> LRScheduler:
     if spec.kind == "curve":
         if spec.name in BUILTIN_CURVES:
-            curve = builtin_curve(spec.name, spec.args, path)
+            curve = BUILTIN_CURVES[spec.name](**spec.args)
         else:
             curve = _registered_curve(spec, path)
         return bind_curve(optimizer, curve, spec.target, unit=spec.unit)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from .._clock import UNITS, Unit
 from .parsing import ConfigError, check_int, expected
 
 
@@ -113,7 +114,7 @@ class ScheduleSpec:
     """The curve's or the scheduler class's name."""
     args: dict[str, Any] = field(default_factory=dict)
     """Its keyword arguments (without the optimizer and the target)."""
-    unit: Literal["steps", "samples", "tokens"] = "steps"
+    unit: Unit = "steps"
     """What the schedule's ``t`` counts: optimizer steps, samples or tokens (docs/clock.md)."""
     every: int = 1
     """``scheduler:`` entries: the torch scheduler takes one ``step()`` per ``every`` units."""
@@ -154,7 +155,7 @@ class TrainSection:
     """Samples (rows, over all ranks) to train for."""
     tokens: int | None = field(default=None, metadata=_min(1))
     """Tokens (real target bytes, over all ranks) to train for."""
-    axis: Literal["steps", "samples", "tokens"] = "steps"
+    axis: Unit = "steps"
     """The step axis of every TensorBoard scalar and Tune report, and the unit that
     ``log_every``, ``eval_every`` and ``checkpoint_every`` count (an event fires at the
     first optimizer step at which the clock crosses a multiple)."""
@@ -180,7 +181,7 @@ class TrainSection:
     """Rank 0's console output: ``auto`` is a tqdm bar on a terminal, plain lines otherwise."""
 
     def __post_init__(self) -> None:
-        given = [unit for unit in ("steps", "samples", "tokens") if getattr(self, unit) is not None]
+        given = [unit for unit in UNITS if getattr(self, unit) is not None]
         if len(given) > 1:
             raise ConfigError(
                 f"train.{given[1]}", f"expected exactly one budget, got {' and '.join(given)}"
@@ -188,9 +189,9 @@ class TrainSection:
         if not given:
             self.steps = 1000
 
-    def budget(self) -> tuple[Literal["steps", "samples", "tokens"], int]:
+    def budget(self) -> tuple[Unit, int]:
         """``(unit, amount)``: what the run counts to before it stops."""
-        for unit in ("steps", "samples", "tokens"):
+        for unit in UNITS:
             amount = getattr(self, unit)
             if amount is not None:
                 return unit, amount  # type: ignore[return-value]

@@ -26,11 +26,10 @@ from .parsing import (
     as_mapping,
     check_int,
     check_number,
-    did_you_mean,
     expected,
     from_argument_error,
-    show,
     unknown_key,
+    unknown_name,
 )
 
 CurveFactory = Callable[..., Curve]
@@ -153,12 +152,12 @@ def _parse_entry(target: str, entry: Any, path: str) -> ScheduleSpec:
     unit, every = _parse_unit(entry, kind, path)
     if kind == "curve":
         if not isinstance(name, str) or name not in curve_names():
-            raise _unknown_name(
+            raise unknown_name(
                 f"{path}.curve", name, curve_names(), "a built-in or registered curve"
             )
         if name in BUILTIN_CURVES:
             _check_signature(BUILTIN_CURVES[name], args, path, f"curve {name!r}", _BOUND_ARGS)
-            builtin_curve(name, args, path)  # the curve checks its own arguments
+            _builtin_curve(name, args, path)  # the curve checks its own arguments
         else:
             _check_signature(REGISTRY[name], args, path, f"curve {name!r}", ())
     else:
@@ -169,7 +168,7 @@ def _parse_entry(target: str, entry: Any, path: str) -> ScheduleSpec:
                 f"{name} cannot be built from a config: {_NOT_FROM_A_FILE[name]}",
             )
         if not isinstance(name, str) or name not in names:
-            raise _unknown_name(
+            raise unknown_name(
                 f"{path}.scheduler", name, names, "a class of torch.optim.lr_scheduler"
             )
         params = _check_signature(
@@ -196,14 +195,7 @@ def _parse_unit(entry: Mapping[str, Any], kind: str, path: str) -> tuple[str, in
     return unit, check_int(entry.get("every", 1), f"{path}.every", min=1)
 
 
-def _unknown_name(path: str, name: Any, allowed: list[str], what: str) -> ConfigError:
-    hint = did_you_mean(str(name), allowed)
-    return ConfigError(
-        path, f"expected {what}{hint}, got {show(name)}; known: {', '.join(allowed)}"
-    )
-
-
-def builtin_curve(name: str, args: Mapping[str, Any], path: str) -> Curve:
+def _builtin_curve(name: str, args: Mapping[str, Any], path: str) -> Curve:
     try:
         return BUILTIN_CURVES[name](**args)
     except ArgumentError as error:

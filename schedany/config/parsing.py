@@ -40,6 +40,7 @@ __all__ = [
     "read_yaml",
     "show",
     "unknown_key",
+    "unknown_name",
 ]
 
 T = TypeVar("T")
@@ -105,7 +106,15 @@ def unknown_key(path: str, key: str, allowed: Iterable[str], what: str = "field"
 def from_argument_error(path: str, error: ArgumentError) -> ConfigError:
     """The config's words for a library argument check: ``<path>: expected <what>, got
     <value>``, ``path`` naming the entry that holds the argument."""
-    return ConfigError(path, f"expected {error.expected}, got {show(error.value)}")
+    return expected(path, error.expected, error.value)
+
+
+def unknown_name(path: str, name: Any, allowed: list[str], what: str) -> ConfigError:
+    """A name (a curve, a scheduler or optimizer class) that is not one of ``allowed``."""
+    hint = did_you_mean(str(name), allowed)
+    return ConfigError(
+        path, f"expected {what}{hint}, got {show(name)}; known: {', '.join(allowed)}"
+    )
 
 
 def as_mapping(value: Any, path: str, what: str = "a mapping") -> Mapping[str, Any]:

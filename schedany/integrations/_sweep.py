@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .._clock import Clock
+from .._clock import Clock, Unit
 from ..config import ConfigError, TrainConfig, build_run, parse_config
 from ..config.parsing import as_mapping, from_mapping, read_yaml, unknown_key
 from ._tune_space import Distribution, parse_search, set_path
@@ -38,7 +38,7 @@ _BLOCKS = [f.name for f in dataclasses.fields(TrainConfig)]
 PBT_MUTABLE_BLOCKS = ("optimizer", "extend", "schedules", "control")
 
 TimeAttr = Literal["global_step", "clock/steps", "clock/samples", "clock/tokens"]
-TIME_UNITS: dict[str, Literal["steps", "samples", "tokens"]] = {
+TIME_UNITS: dict[str, Unit] = {
     "global_step": "steps",
     "clock/steps": "steps",
     "clock/samples": "samples",
@@ -160,7 +160,7 @@ class Sweep:
         return self.tune.name or self.path.stem
 
     @property
-    def time_unit(self) -> Literal["steps", "samples", "tokens"]:
+    def time_unit(self) -> Unit:
         """The unit ``tune.time_attr`` counts."""
         return TIME_UNITS[self.tune.time_attr]
 

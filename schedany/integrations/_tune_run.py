@@ -23,7 +23,7 @@ from typing import Any
 from torch import nn
 from torch.optim import Optimizer
 
-from .._clock import Clock
+from .._clock import UNITS, Clock
 from .._record import StepRecord, schedule_tags
 from .._synchronous import SynchronousSchedule
 from ..config import TrainConfig, TrainSection
@@ -89,7 +89,7 @@ def tune_metrics(metrics: Mapping[str, float], train: TrainSection) -> dict[str,
     step whose clock crosses a multiple of ``log_every``; the multiple it crossed is
     what Tune's schedulers count (the last report, at the budget, may cross none)."""
     out: dict[str, Any] = dict(metrics)
-    for key in ("global_step", "clock/steps", "clock/samples", "clock/tokens"):
+    for key in ("global_step", *(f"clock/{unit}" for unit in UNITS)):
         if key in out:
             out[key] = int(out[key])
     reading = out[f"clock/{train.axis}"]

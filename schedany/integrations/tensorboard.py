@@ -216,10 +216,6 @@ class ScheduleLogger:
         self.close()
 
 
-def _is_rank_zero() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def _default_log_dir() -> str:
     """``runs/<date>_<host>``, SummaryWriter's default folder."""
     return os.path.join("runs", time.strftime("%b%d_%H-%M-%S") + "_" + socket.gethostname())

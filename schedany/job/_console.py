@@ -119,11 +119,17 @@ class MetricsFile:
     ) -> None:
         """One line: the values per key and group as the record holds them (float64),
         the controller's metrics (with a controller) and the losses computed this step."""
-        control = {} if record.control is None else {"control": record.control}
-        clock = {} if record.clock is None else {"clock": record.clock}
-        line = {"step": step, "micro_steps": micro_steps, "schedule": record.schedule}
-        line.update(**control, **clock)
-        self._file.write(json.dumps({**line, **losses}) + "\n")
+        line: dict[str, Any] = {
+            "step": step,
+            "micro_steps": micro_steps,
+            "schedule": record.schedule,
+        }
+        if record.control is not None:
+            line["control"] = record.control
+        if record.clock is not None:
+            line["clock"] = record.clock
+        line.update(losses)
+        self._file.write(json.dumps(line) + "\n")
 
     def flush(self) -> None:
         self._file.flush()

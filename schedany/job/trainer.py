@@ -170,7 +170,7 @@ class Trainer:
         control = None if ctl is None else ctl.metrics()
         dropped = control is not None and control["dropped_batches"] != dropped_before
         self.clock.advance(*self._global(samples, tokens, control, dropped))
-        record = StepRecord.read(self.schedule, ctl)  # before schedule.step(): what this step used
+        record = StepRecord.read(self.schedule, ctl, control)  # what this step used
         self.schedule.step()
         return record, micro_steps
 
@@ -334,7 +334,8 @@ class Trainer:
                 if last or _crossed(before, x, cfg.eval_every):
                     eval_loss = self.evaluate()
                     losses["eval/loss"] = eval_loss
-                scalars = {**record.scalars(tags), **losses}  # TensorBoard's and Tune's
+                # TensorBoard's and Tune's: only rank 0 writes them
+                scalars = {**record.scalars(tags), **losses} if rank0 else {}
                 if logger is not None:
                     logger.log_scalars(x, scalars)
                 if metrics_file is not None:
