@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from ._rng import capture_rng_state, restore_rng_state
 from ._safe_load import check_dcp_metadata, load_plain, plain_bytes, safe_load_planner
-from .distributed import barrier, collective_device, is_rank0
+from .distributed import barrier, from_rank0, is_rank0
 
 __all__ = [
     "CheckpointError",
@@ -116,7 +116,8 @@ def _digest(data: bytes) -> dict[str, Any]:
 
 
 def _read_verified(ref: CheckpointRef) -> dict[str, bytes]:
-    """Check the manifest and every file it lists; return the files' bytes."""
+    """Check the manifest and every file it lists; return the bytes of the ``.metadata``
+    files (the only ones read again, for their pickle check), not the whole checkpoint."""
     try:
         manifest = json.loads(ref.manifest.read_bytes())
     except FileNotFoundError:
@@ -143,7 +144,8 @@ def _read_verified(ref: CheckpointRef) -> dict[str, bytes]:
                 f"{expected['bytes']} bytes, sha256 {expected['sha256'][:12]}…; found "
                 f"{got['bytes']} bytes, sha256 {got['sha256'][:12]}…)"
             )
-        contents[name] = data
+        if name.endswith(".metadata"):
+            contents[name] = data
     return contents
 
 
@@ -192,11 +194,7 @@ def latest_valid_checkpoint(directory: str | os.PathLike[str]) -> CheckpointRef 
                 continue
             choice = ref
             break
-    if not dist.is_initialized():
-        return choice
-    flag = torch.tensor([choice.step if choice else -1], device=collective_device())
-    dist.broadcast(flag, src=0)
-    step = int(flag.item())
+    step = from_rank0(choice.step if choice else -1)
     return None if step < 0 else _ref(Path(directory), step)
 
 
@@ -294,15 +292,11 @@ def _verify_on_rank0(ref: CheckpointRef) -> None:
     if is_rank0():
         try:
             for name, data in _read_verified(ref).items():
-                if name.endswith(".metadata"):
-                    check_dcp_metadata(data, f"checkpoint {ref.path / name}")
+                check_dcp_metadata(data, f"checkpoint {ref.path / name}")
         except (CheckpointError, pickle.UnpicklingError) as exc:
             problem = str(exc)
-    if dist.is_initialized():
-        flag = torch.tensor([int(bool(problem))], device=collective_device())
-        dist.broadcast(flag, src=0)
-        if flag.item() and not problem:
-            problem = f"checkpoint {ref.path}: rank 0 found it corrupt"
+    if from_rank0(int(bool(problem))) and not problem:
+        problem = f"checkpoint {ref.path}: rank 0 found it corrupt"
     if problem:
         raise CheckpointError(problem)
 

@@ -23,6 +23,7 @@ __all__ = [
     "barrier",
     "collective_device",
     "detect_env",
+    "from_rank0",
     "init_distributed",
     "is_rank0",
     "resolve_strategy",
@@ -207,6 +208,15 @@ def barrier() -> None:
     """``dist.barrier()`` when a process group is up; otherwise nothing."""
     if dist.is_initialized():
         dist.barrier()
+
+
+def from_rank0(value: int) -> int:
+    """Rank 0's ``value`` on every rank (one broadcast); ``value`` without a process group."""
+    if not dist.is_initialized():
+        return value
+    flag = torch.tensor([value], device=collective_device())
+    dist.broadcast(flag, src=0)
+    return int(flag.item())
 
 
 def collective_device() -> torch.device:
