@@ -1,4 +1,5 @@
-"""StepFlags: a request raised on one rank is agreed on by every rank at the same call."""
+"""StepFlags: a request raised on one rank is agreed on by every rank at the same call,
+and the counts given to that call are summed over the ranks."""
 
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ from tests._dist_utils import count_collectives, run_ranks
 
 def test_one_process_returns_raised_flags_without_a_collective() -> None:
     flags = StepFlags("preempt", "edits")
-    assert flags.agree() == frozenset()
+    assert flags.agree() == (frozenset(), ())
     flags.raise_flag("edits")
-    assert flags.agree() == {"edits"}
-    assert flags.agree() == {"edits"}  # sticky until its owner lowers it
+    assert flags.agree().raised == {"edits"}
+    assert flags.agree((7, 3)) == ({"edits"}, (7, 3))  # sticky until its owner lowers it
     flags.lower("edits")
-    assert flags.agree() == frozenset()
+    assert flags.agree().raised == frozenset()
 
 
 def test_raised_from_a_real_signal_handler() -> None:
@@ -26,7 +27,7 @@ def test_raised_from_a_real_signal_handler() -> None:
     previous = signal.signal(signal.SIGUSR1, lambda *_: flags.raise_flag("preempt"))
     try:
         os.kill(os.getpid(), signal.SIGUSR1)
-        assert flags.agree() == {"preempt"}
+        assert flags.agree().raised == {"preempt"}
     finally:
         signal.signal(signal.SIGUSR1, previous)
 
@@ -38,7 +39,7 @@ def test_bad_names() -> None:
         StepFlags("a").raise_flag("b")
 
 
-def _agree_on_two_ranks(rank: int, world_size: int) -> list[list[str]]:
+def _agree_on_two_ranks(rank: int, world_size: int) -> list:
     flags = StepFlags("preempt", "edits")
     seen = []
     with count_collectives() as counts:
@@ -49,13 +50,15 @@ def _agree_on_two_ranks(rank: int, world_size: int) -> list[list[str]]:
                 flags.raise_flag("edits")
             if rank == 0 and step == 3:
                 flags.lower("edits")
-            seen.append(sorted(flags.agree()))
+            raised, sums = flags.agree((rank + 1, step))
+            seen.append([sorted(raised), list(sums)])
     return [seen, counts["all_reduce"]]
 
 
 @pytest.mark.slow
 def test_two_ranks_agree_at_the_same_step() -> None:
     results = run_ranks(_agree_on_two_ranks, world_size=2)
-    expected = [[], ["preempt"], ["edits", "preempt"], ["preempt"]]
+    raised = [[], ["preempt"], ["edits", "preempt"], ["preempt"]]
+    expected = [[r, [3, 2 * step]] for step, r in enumerate(raised)]
     assert [seen for seen, _ in results] == [expected, expected]
     assert [calls for _, calls in results] == [4, 4]  # one collective per agreement

@@ -5,13 +5,24 @@ seen by rank 0 alone; acting on either where it was seen would let the ranks par
 (one checkpoints a step the others never take). So a request is only *raised* locally,
 and :meth:`StepFlags.agree`, called by every rank at the same point of every optimizer
 step, tells all of them which requests were raised anywhere: one all-reduce of a few
-integers under ``torchrun``, nothing in one process.
+integers under ``torchrun``, nothing in one process. Per-step counts that every rank
+needs summed (the clock's tokens) ride on the same all-reduce.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
+
+
+class Agreement(NamedTuple):
+    raised: frozenset[str]
+    """The flags raised on any rank."""
+    sums: tuple[int, ...]
+    """The ``sums`` given to :meth:`StepFlags.agree`, summed over all ranks."""
 
 
 class StepFlags:
@@ -24,7 +35,7 @@ class StepFlags:
         # One dict entry per flag: raising one from a signal handler is a single store,
         # so it cannot lose another flag raised meanwhile.
         self._raised = dict.fromkeys(names, False)
-        self._buffer = torch.zeros(len(names), dtype=torch.int32, device=device)
+        self._device = device
 
     def raise_flag(self, name: str) -> None:
         """Request ``name`` here; safe to call from a signal handler."""
@@ -40,13 +51,18 @@ class StepFlags:
         """Whether this rank has raised ``name`` (no communication)."""
         return self._raised[name]
 
-    def agree(self) -> frozenset[str]:
-        """The flags raised on any rank. Every rank must call it at the same point of
-        the same optimizer step (it is a collective under ``torchrun``)."""
+    def agree(self, sums: Sequence[int] = ()) -> Agreement:
+        """The flags raised on any rank, and ``sums`` summed over all ranks. Every rank
+        must call it at the same point of the same optimizer step, with as many sums
+        (it is one all-reduce under ``torchrun``)."""
+        raised = [int(self._raised[name]) for name in self.names]
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return frozenset(name for name, up in self._raised.items() if up)
-        for i, name in enumerate(self.names):
-            self._buffer[i] = int(self._raised[name])
-        dist.all_reduce(self._buffer, op=dist.ReduceOp.MAX)
-        agreed = self._buffer.tolist()  # the one host sync
-        return frozenset(name for name, up in zip(self.names, agreed) if up)
+            return Agreement(self._names_of(raised), tuple(sums))
+        # One SUM serves both: a flag is raised somewhere when its sum is positive.
+        buffer = torch.tensor([*raised, *sums], dtype=torch.int64, device=self._device)
+        dist.all_reduce(buffer)
+        values = buffer.tolist()  # the one host sync
+        return Agreement(self._names_of(values[: len(raised)]), tuple(values[len(raised) :]))
+
+    def _names_of(self, counts: Sequence[int]) -> frozenset[str]:
+        return frozenset(name for name, count in zip(self.names, counts) if count > 0)

@@ -28,16 +28,14 @@ from .._clock import Clock
 from .._record import StepRecord, schedule_tags
 from ..config import ConfigError, TrainConfig, config_to_dict
 from . import checkpoint as ckpt
-from ._faults import FAULT_MARKER_ENV, FAULT_RANK_ENV, FAULT_STEP_ENV, maybe_inject_fault
+from ._faults import maybe_inject_fault
+from ._step_flags import StepFlags
 from .build import build_controller, build_model, build_run
 from .data import MicroBatchSampler, eval_batches, load_corpus
 from .distributed import init_distributed, is_rank0, teardown, unwrap_model, wrap_model
 from .model import loss as lm_loss
 
 __all__ = [
-    "FAULT_MARKER_ENV",
-    "FAULT_RANK_ENV",
-    "FAULT_STEP_ENV",
     "Report",
     "TrainResult",
     "Trainer",
@@ -101,6 +99,9 @@ class Trainer:
         self.optimizer, self.schedule = build_run(config, self.model, clock=self.clock)
         self.controller = build_controller(config, self.model, self.optimizer)
         self.per_token = config.control.kind != "none" and config.control.items == "tokens"
+        # Requests that act at one optimizer step on every rank (see _step_flags).
+        self.flags = StepFlags("preempt", "edits", device=self.device)
+        self.agreed: frozenset[str] = frozenset()
 
         d, m = config.data, config.model
         try:
@@ -169,27 +170,25 @@ class Trainer:
         self.step += 1
         control = None if ctl is None else ctl.metrics()
         dropped = control is not None and control["dropped_batches"] != dropped_before
-        self.clock.advance(*self._global(samples, tokens, control, dropped))
+        self.clock.advance(*self._agree(samples, tokens, control, dropped))
         record = StepRecord.read(self.schedule, ctl, control)  # what this step used
         self.schedule.step()
         return record, micro_steps
 
-    def _global(
+    def _agree(
         self, samples: int, tokens: int, control: dict[str, float] | None, dropped: bool
     ) -> tuple[int, int]:
-        """This step's samples and tokens over all ranks, data of dropped batches included.
-
-        Every rank reads ``micro_batch_size`` rows per micro-step, as many micro-steps as
-        the others, so samples need no collective. A controller counting tokens has summed
-        them over all ranks already (unless a batch was dropped); else one all-reduce."""
-        if not dist.is_initialized():
-            return samples, tokens
+        """This step's samples and tokens over all ranks (dropped batches included);
+        sets :attr:`agreed`, the step flags raised on any rank. Every rank reads as many
+        rows as the others, so samples need no exchange; the tokens are summed by a
+        token-counting controller already (unless a batch was dropped), or ride on the
+        flags' all-reduce: one small collective per step under torchrun, in all."""
+        samples *= self.env.world_size
         if self.per_token and not dropped and control is not None:
-            return samples * self.env.world_size, int(control["items"])
-        counts = torch.tensor([samples, tokens], dtype=torch.int64, device=self.device)
-        dist.all_reduce(counts)
-        total_samples, total_tokens = counts.tolist()
-        return total_samples, total_tokens
+            self.agreed = self.flags.agree().raised
+            return samples, int(control["items"])
+        self.agreed, (total_tokens,) = self.flags.agree((tokens,))
+        return samples, total_tokens
 
     # --- evaluation, losses ------------------------------------------------------------
 
