@@ -133,6 +133,8 @@ def test_two_ranks_with_a_token_budget_stop_with_one_process_of_the_same_batch(
 def test_budget_and_axis_errors_name_the_path(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^train\.tokens: expected exactly one budget"):
         load_config(BASELINE, ["train.tokens=100"])  # baseline.yaml sets train.steps
+    with pytest.raises(ConfigError, match=r"^train: expected exactly one budget .*got none"):
+        load_config(BASELINE, ["train.steps=null"])
     with pytest.raises(ConfigError, match=r"^train\.axis: expected one of steps, samples, tokens"):
         load_config(BASELINE, ["train.axis=epochs"])
     with pytest.raises(ConfigError, match=r"^train\.samples: expected an integer >= 1, got 0"):

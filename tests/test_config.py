@@ -489,5 +489,5 @@ def test_missing_file_and_folder(tmp_path):
 
 
 def test_yaml_floats_without_a_dot_are_floats(tmp_path):
-    config = load_config(write(tmp_path, MINIMAL), ["optimizer.eps=1e-8"])
+    config = load_config(write(tmp_path, MINIMAL), ["optimizer.eps=1e-8", "train.steps=5"])
     assert config.optimizer.kwargs["lr"] == 1e-3 and config.optimizer.kwargs["eps"] == 1e-8

@@ -68,6 +68,7 @@ def parse_config(data: Any) -> TrainConfig:
     kwargs["schedules"] = parse_schedules(data.get("schedules"))
     config = TrainConfig(**kwargs)
     _check_blocks_fit(config)
+    config.train.budget()  # exactly one: two are refused as the block is read, none here
     return config
 
 

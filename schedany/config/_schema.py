@@ -145,8 +145,7 @@ class TrainSection:
     """``train:`` — length, batch size, logging, evaluation and checkpoints.
 
     The budget is exactly one of ``steps``, ``samples`` and ``tokens``: the run stops
-    after the first optimizer step at which the clock reaches it (docs/clock.md). With
-    none of them given, the budget is 1000 steps.
+    after the first optimizer step at which the clock reaches it (docs/clock.md).
     """
 
     steps: int | None = field(default=None, metadata=_min(1))
@@ -186,8 +185,6 @@ class TrainSection:
             raise ConfigError(
                 f"train.{given[1]}", f"expected exactly one budget, got {' and '.join(given)}"
             )
-        if not given:
-            self.steps = 1000
 
     def budget(self) -> tuple[Unit, int]:
         """``(unit, amount)``: what the run counts to before it stops."""
@@ -195,7 +192,9 @@ class TrainSection:
             amount = getattr(self, unit)
             if amount is not None:
                 return unit, amount  # type: ignore[return-value]
-        raise AssertionError("unreachable: __post_init__ sets a budget")
+        raise ConfigError(
+            "train", "expected exactly one budget (steps, samples or tokens), got none"
+        )
 
 
 @dataclass
