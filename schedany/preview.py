@@ -13,10 +13,11 @@ holds after ``s - 1`` calls of ``schedule.step()``. TensorBoard tags and
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._clock import Clock, Unit, check_unit
 from ._record import StepRecord, group_labels, schedule_tags
@@ -56,21 +57,49 @@ class ScheduleTrace(NamedTuple):
         return len(next(iter(self.values.values()), []))
 
 
-def _per_step(config: TrainConfig) -> dict[str, int | None]:
-    """How many of each unit one optimizer step takes, where the config fixes it (one
-    process): samples without a controller; never tokens (samples differ in length)."""
-    samples = config.train.micro_batch_size if config.control.kind == "none" else None
-    return {"steps": 1, "samples": samples, "tokens": None}
+StepSamples = Callable[[list[dict[str, Any]]], int]
+"""The samples one optimizer step takes, from the param groups holding its values."""
 
 
-def _points(config: TrainConfig, unit: Unit, count: int | None) -> tuple[int, int, bool]:
-    """``(points, width, points are optimizer steps)`` for a trace in ``unit``; the width
-    is the samples of one step when points are steps, else the units a point spans."""
-    per_step = _per_step(config)
-    stepwise = per_step[unit] is not None
+def _step_samples(config: TrainConfig) -> StepSamples | None:
+    """How many samples one optimizer step takes, where the config fixes it (one
+    process): the micro-batch without a controller; with a logical batch counted in
+    samples, the whole micro-batches that reach the step's target (the controller's
+    rule). Never tokens, and nothing under GNTS: those depend on the data."""
+    micro = config.train.micro_batch_size
+    control = config.control
+    if control.kind == "none":
+        return lambda groups: micro
+    if control.kind == "logical_batch" and control.items == "samples":
+        key = config.control_key()
+        assert key is not None
+
+        def logical_batch(groups: list[dict[str, Any]]) -> int:
+            target = max(group[key] for group in groups if key in group)
+            return max(1, math.ceil(target / micro)) * micro
+
+        return logical_batch
+    return None
+
+
+class _Plan(NamedTuple):
+    points: int | None
+    """How many points; None: optimizer steps until the clock reaches the budget."""
+    span: int
+    """The units of ``unit`` one point spans, when points are not optimizer steps."""
+    stepwise: bool
+    """Points are optimizer steps (every schedule's unit converts to steps)."""
+    step_samples: StepSamples | None
+
+
+def _plan(config: TrainConfig, unit: Unit, count: int | None) -> _Plan:
+    """The points of a trace in ``unit``, or a ConfigError naming what the config does
+    not fix."""
+    step_samples = _step_samples(config)
+    fixed = {"steps", "samples"} if step_samples is not None else {"steps"}
+    stepwise = unit in fixed
     for name, spec in config.schedules.items():
-        placeable = spec.unit == unit or (stepwise and per_step[spec.unit] is not None)
-        if not placeable:
+        if not (spec.unit == unit or (stepwise and spec.unit in fixed)):
             raise ConfigError(
                 f"schedules.{name}.unit",
                 f"counts {spec.unit}, and the config does not fix how many {spec.unit} make "
@@ -79,13 +108,13 @@ def _points(config: TrainConfig, unit: Unit, count: int | None) -> tuple[int, in
             )
     budget_unit, budget = config.train.budget()
     if stepwise:
-        per_budget_unit = per_step[budget_unit]
-        if count is None and per_budget_unit is None:
+        if count is None and budget_unit not in fixed:
             raise ConfigError(
                 f"train.{budget_unit}", "preview counts optimizer steps here; pass --steps N"
             )
-        steps = count if count is not None else -(-budget // per_budget_unit)
-        return steps, per_step["samples"] or 0, True
+        if count is None and budget_unit == "steps":
+            count = budget
+        return _Plan(count, 0, True, step_samples)  # None: up to the samples budget
     if budget_unit != unit:
         raise ConfigError(
             f"train.{budget_unit}",
@@ -93,7 +122,7 @@ def _points(config: TrainConfig, unit: Unit, count: int | None) -> tuple[int, in
             f"is in {budget_unit}",
         )
     count = count or min(budget, 200)
-    return count, -(-budget // count), False
+    return _Plan(count, -(-budget // count), False, None)
 
 
 def trace(
@@ -116,7 +145,8 @@ def trace(
     unit = check_unit(unit, "trace")
     if steps is not None:
         steps = check_integer(steps, "steps", min=1, func="trace")
-    points, width, stepwise = _points(config, unit, steps)
+    plan = _plan(config, unit, steps)
+    budget_unit, budget = config.train.budget()
     clock = Clock()
     optimizer, schedule = build_run(config, clock=clock)
     tags = schedule_tags(schedule)
@@ -130,12 +160,13 @@ def trace(
     values: dict[str, list[list[float]]] = {name: [] for name in names}
     axis = []
     try:
-        for _ in range(points):
+        while len(axis) < plan.points if plan.points else clock.read(budget_unit) < budget:
             optimizer.step()  # no gradients, nothing changes: it keeps torch's order check happy
-            if stepwise:  # one optimizer step, of the data the config fixes
-                clock.advance(samples=width)
+            if plan.stepwise:  # one optimizer step, of the data the config fixes
+                samples = plan.step_samples(optimizer.param_groups) if plan.step_samples else 0
+                clock.advance(samples=samples)
             else:  # a span of `unit`; every schedule counts `unit`, so the step count is moot
-                clock.advance(**{unit: width})
+                clock.advance(**{unit: plan.span})
             record = dataclasses.replace(StepRecord.read(schedule), clock=None)
             for name in names:
                 values[name].append(record.schedule[name])

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import inspect
+import itertools
+import math
 import random
 
 import pytest
@@ -325,3 +327,50 @@ train: {steps: 10, micro_batch_size: 4}
     assert [row[0] for row in result.values["lr"]] == [lr(s) for s in range(10)]
     wd = [row[0] for row in result.values["weight_decay"]]
     assert wd == [0.1 * 0.5 ** ((x - 4) // 6) for x in result.axis]
+
+
+LOGICAL_BATCH_IN_SAMPLES = """\
+optimizer: {name: AdamW, lr: 1.0, weight_decay: 0.1}
+extend: {logical_batch_size: 1}
+schedules:
+  logical_batch_size: {curve: linear_schedule_with_warmup, warmup_to_value: 20.0,
+                       anneal_to_value: 20.0, num_warmup_steps: 5, num_training_steps: 10}
+  lr: {curve: linear_schedule_with_warmup, warmup_to_value: 1.0, anneal_to_value: 0.0,
+       num_warmup_steps: 8, num_training_steps: 100, unit: samples}
+control: {kind: logical_batch, items: samples}
+train: {steps: null, samples: 100, micro_batch_size: 6}
+"""
+
+
+def test_preview_in_samples_follows_a_scheduled_logical_batch(tmp_path) -> None:
+    """A logical batch counted in samples with a fixed micro-batch fixes each step's
+    samples: whole micro-batches up to that step's target (what the controller does)."""
+    from schedany.config import load_config
+    from schedany.preview import trace
+
+    result = trace(load_config(write_config(tmp_path, LOGICAL_BATCH_IN_SAMPLES)), unit="samples")
+    targets = [row[0] for row in result.values["logical_batch_size"]]
+    per_step = [max(1, math.ceil(t / 6)) * 6 for t in targets]
+    assert per_step[:2] == [6, 6] and per_step[-1] == 24  # it grows with the schedule
+    assert list(result.axis) == list(itertools.accumulate(per_step))
+    assert result.axis[-2] < 100 <= result.axis[-1]  # up to the samples budget
+    lr = BUILTIN_CURVES["linear_schedule_with_warmup"](1.0, 0.0, 8, 100)
+    starts = [0, *result.axis[:-1]]  # a step uses the value at the clock it starts from
+    assert [row[0] for row in result.values["lr"]] == [lr(x) for x in starts]
+    # Counted in steps too: the samples-unit lr is placed on each optimizer step.
+    assert trace(load_config(write_config(tmp_path, LOGICAL_BATCH_IN_SAMPLES))).values == (
+        result.values
+    )
+
+
+def test_preview_refuses_what_gnts_leaves_open(tmp_path) -> None:
+    from schedany.config import load_config
+    from schedany.preview import trace
+
+    text = LOGICAL_BATCH_IN_SAMPLES.replace(
+        "logical_batch_size", "gradient_norm_threshold"
+    ).replace("kind: logical_batch, items: samples", "kind: gnts")
+    with pytest.raises(ConfigError, match=r"^schedules\.lr\.unit: counts samples, .*--unit steps"):
+        trace(load_config(write_config(tmp_path, text)))
+    with pytest.raises(ConfigError, match=r"^schedules\.gradient_norm_threshold\.unit: counts "):
+        trace(load_config(write_config(tmp_path, text)), unit="samples")
