@@ -90,6 +90,7 @@ def test_token_budget_axis_and_cadences_in_one_process(tmp_path: Path) -> None:
 
 
 LOGICAL_BATCH = str(EXAMPLES / "logical_batch.yaml")
+GNTS = str(EXAMPLES / "gnts.yaml")
 
 
 @pytest.mark.slow
@@ -103,8 +104,10 @@ LOGICAL_BATCH = str(EXAMPLES / "logical_batch.yaml")
         (LOGICAL_BATCH, "ddp", ["control.items=samples", "extend.logical_batch_size=16"]),
         # Tokens counted by the controller's own exchange, no all-reduce of the trainer's.
         (LOGICAL_BATCH, "ddp", ["extend.logical_batch_size=300"]),
+        # Decisions from the global mean gradient's norm: 1 to 8 micro-steps a step.
+        (GNTS, "ddp", []),
     ],
-    ids=["ddp", "fsdp", "logical_batch-samples-ddp", "logical_batch-tokens-ddp"],
+    ids=["ddp", "fsdp", "logical_batch-samples-ddp", "logical_batch-tokens-ddp", "gnts-ddp"],
 )
 def test_two_ranks_with_a_token_budget_stop_with_one_process_of_the_same_batch(
     tmp_path: Path, config: str, strategy: str, more: list[str]
@@ -126,6 +129,8 @@ def test_two_ranks_with_a_token_budget_stop_with_one_process_of_the_same_batch(
     assert [line["clock"] for line in a] == [line["clock"] for line in b]  # global counts
     assert len(a) == len(b) and a[-1]["clock"]["tokens"] >= TOKENS
     assert [line["micro_steps"] for line in a] == [line["micro_steps"] for line in b]
+    if config == GNTS:  # the loop reacted: some steps took more than one micro-batch
+        assert max(line["micro_steps"] for line in a) > 1
     for x, y in zip(a, b):
         assert x["schedule"] == pytest.approx(y["schedule"], rel=1e-12)
 

@@ -823,6 +823,68 @@ def test_asha_on_tokens_compares_trials_at_equal_tokens(workdir: Path, ray_head:
 
 
 @pytest.mark.slow
+def test_pbt_on_tokens_perturbs_at_equal_tokens(workdir: Path, ray_head: str) -> None:
+    """PBT with time_attr clock/tokens: the 2-row and the 8-row trial both pause at
+    their first report past 720 tokens (different optimizer steps), and the exploited
+    trial goes on from the donor's checkpoint: the donor's clock and batch size. Counted
+    in steps, a 1440-token run would never reach a 720 interval."""
+    path_key = "schedules.lr.warmup_to_value"
+    path = write_sweep(
+        workdir,
+        "pbt_tokens",
+        set={
+            **TOKENS,
+            "train.tokens": 1440,
+            "schedules.lr": {**BASE["schedules"]["lr"], "unit": "tokens"}
+            | {"num_warmup_steps": 180, "num_training_steps": 1440},
+        },
+        search={"train.micro_batch_size": {"grid": [2, 8]}},
+        tune={
+            "scheduler": "pbt",
+            "time_attr": "clock/tokens",
+            "pbt": {
+                "perturbation_interval": 720,
+                "quantile_fraction": 0.5,
+                "resample_probability": 0.0,
+                "synch": True,
+                "mutations": {path_key: {"uniform": [0.5, 2.0]}},
+            },
+        },
+    )
+    proc = cli("tune", str(path), "--address", ray_head, env=HEAD_AUTH, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    experiment = workdir / "runs" / "pbt_tokens"
+    rows = trial_rows(experiment)
+    assert len(rows) == 2
+    at_720 = {}
+    for name, trial in rows.items():
+        assert [r["report/tokens"] for r in trial] == [360, 720, 1080, 1440]
+        at_720[name] = trial[1]
+    batch = {n: r["config"]["train.micro_batch_size"] for n, r in at_720.items()}
+    assert sorted(batch.values()) == [2, 8]
+    small, big = sorted(at_720, key=batch.get)
+    # Equal tokens at the perturbation, unequal steps.
+    assert at_720[small]["global_step"] >= 3 * at_720[big]["global_step"]
+    exploits = [
+        json.loads(line) for line in (experiment / "pbt_global.txt").read_text().splitlines()
+    ]
+    assert exploits, "no trial was exploited at the 720-token interval"
+    target_tag, donor_tag = exploits[0][:2]
+    (target,) = [n for n in rows if f"_{target_tag}_" in n]
+    (donor,) = [n for n in rows if f"_{donor_tag}_" in n]
+    donor_batch, donor_clock = batch[donor], at_720[donor]
+    # After the restore the target runs the donor's batch size from the donor's clock.
+    after = rows[target][2:]
+    assert all(r["config"]["train.micro_batch_size"] == donor_batch for r in after)
+    assert all(r["clock/samples"] == donor_batch * r["clock/steps"] for r in after)
+    assert after[0]["clock/steps"] > donor_clock["clock/steps"]
+    records = step_records(experiment / target)
+    assert records[donor_clock["global_step"] + 1]["clock"]["steps"] == (
+        donor_clock["global_step"] + 1
+    )
+
+
+@pytest.mark.slow
 def test_multi_worker_trials_run_as_ddp_jobs(workdir: Path, ray_head: str) -> None:
     """workers: 2 runs each trial as a 2-process TorchTrainer job; rank 0 reports."""
     path = write_sweep(
