@@ -208,6 +208,17 @@ def test_a_bound_scheduler_is_returned_inside_a_synchronous_schedule(tmp_path: P
         fit(BoundOnly(wrap=False), tmp_path / "bare")
 
 
+@pytest.mark.slow
+def test_import_schedany_imports_neither_trainer() -> None:
+    code = (
+        "import sys, schedany, schedany.integrations; "
+        "assert not {'lightning', 'pytorch_lightning', 'transformers'} & set(sys.modules)"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
+
+
 # --- GNTS under Lightning DDP ------------------------------------------------------------
 
 

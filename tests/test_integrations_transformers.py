@@ -28,11 +28,19 @@ from schedany.integrations.transformers import ScheduleCallback  # noqa: E402
 
 STEPS = 8
 LR = 1e-3
+NO_DROPOUT = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
 
 
 def tiny_model() -> GPT2LMHeadModel:
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=32, n_positions=8, n_embd=16, n_layer=1, n_head=2)
+    config = GPT2Config(
+        vocab_size=32,
+        n_positions=8,
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        **dict.fromkeys(NO_DROPOUT, 0.0),
+    )
     return GPT2LMHeadModel(config)
 
 
@@ -161,3 +169,34 @@ def test_the_trainers_own_scheduler_logs_as_lr(tmp_path: Path) -> None:
     for log in logs.values():
         assert log["schedule/lr/pg0"] == log["learning_rate"]
     assert logs[1]["schedule/lr/pg0"] == 0.0 and logs[3]["schedule/lr/pg0"] == pytest.approx(LR)
+
+
+def test_a_reactive_controller_trains_an_hf_model_in_a_custom_loop() -> None:
+    """The custom loop of docs/integrations.md on the tiny GPT-2: GNTS (threshold 0, so
+    every logical batch runs to max_accumulation_steps) steps with the mean gradient of
+    its micro-batches, as one process averaging their losses by hand does."""
+    model, reference = tiny_model(), tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    schedany.extend_optimizer(opt, "gradient_norm_threshold", 0.0)
+    schedule = schedany.SynchronousSchedule([schedany.constant_schedule(opt, 1.0)])
+    gnts = schedany.GradientNormThreshold(model, opt, max_accumulation_steps=3)
+    rows = torch.stack([r["input_ids"] for r in dataset()])
+    batches = [{"input_ids": rows[i : i + 2], "labels": rows[i : i + 2]} for i in range(0, 12, 2)]
+    decisions = []
+    for batch in batches:
+        with gnts.accumulate():
+            loss = model(**batch).loss
+            loss.backward()
+        decisions.append(gnts.ready)
+        if gnts.ready:
+            opt.step()
+            opt.zero_grad()
+            schedule.step()
+    assert decisions == [False, False, True] * 2
+    for logical_batch in (batches[:3], batches[3:]):
+        (sum(reference(**b).loss for b in logical_batch) / 3).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)

@@ -669,7 +669,7 @@ def grid_sweep(workdir: Path) -> subprocess.CompletedProcess[str]:
     """Four trials on an embedded local Ray, over the warmup length; run once for the
     tests that read it (results in ``workdir/runs/grid``)."""
     path = write_sweep(workdir, "grid", search={WARMUP: {"grid": GRID}})
-    return cli("tune", str(path))
+    return cli("tune", str(path), timeout=300)  # ~140 s on a loaded 2-core machine
 
 
 @pytest.mark.slow
