@@ -130,7 +130,7 @@ def torch_ddp_loop(rank: int) -> dict[str, Any]:
 
 def result(net: nn.Module, decisions: list[bool], grad_norms: list[float]) -> dict[str, Any]:
     return {
-        "world_size": dist.get_world_size(),
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
         "decisions": decisions,
         "grad_norms": grad_norms,
         "params": [p.detach().tolist() for p in net.parameters()],
@@ -144,6 +144,8 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--check", action="store_true", help="also run the plain-torch loop")
     args = parser.parse_args()
+    if args.check and args.devices < 2:
+        parser.error("--check compares two DDP runs: it needs --devices 2 or more")
     torch.set_num_threads(1)
     module = GNTSModule()
     trainer = pl.Trainer(
