@@ -13,7 +13,8 @@ The package reads as a map of the problem:
   (logical batch size, gradient norm threshold), exact under DDP and FSDP2.
 - :mod:`schedany.config` — the YAML schedule/run config (``build_schedule``).
 - :mod:`schedany.job` — the reference training job behind ``schedany train``.
-- :mod:`schedany.integrations` — TensorBoard and Ray Tune (imported lazily).
+- :mod:`schedany.integrations` — TensorBoard, Ray Tune, Lightning and the HF Trainer
+  (imported lazily).
 """
 
 from ._binding import arbitrary_schedule_factory

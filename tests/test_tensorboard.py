@@ -23,7 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import (  # noqa: E4
 from torch.optim.lr_scheduler import StepLR  # noqa: E402
 
 import schedany  # noqa: E402
-from schedany.integrations.tensorboard import ScheduleLogger  # noqa: E402
+from schedany.integrations.tensorboard import ScheduleLogger, write_hparams  # noqa: E402
 
 KEYS = ["lr", "weight_decay", "betas[0]", "gradient_norm_threshold"]
 GROUPS = ["pg0", "head", "pg2"]
@@ -287,6 +287,34 @@ def test_duplicate_group_names_are_rejected(tmp_path: Path) -> None:
     assert not any(tmp_path.iterdir())
 
 
+def test_hparams_join_the_run_of_their_folder(tmp_path: Path) -> None:
+    """write_hparams adds the HParams to the run already in its folder (no sub-run),
+    each value as the type an HParams column holds."""
+    import numpy as np
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+    from tensorboard.plugins.hparams import metadata
+
+    _, _, schedule = make_run()
+    with ScheduleLogger(schedule, log_dir=str(tmp_path / "run")) as logger:
+        logger.log_scalars(3, {"eval/loss": 0.5})
+    values = {"a.b": 3, "name": "x", "flag": True, "pair": [1, 2], "np": np.float64(0.25)}
+    write_hparams(tmp_path / "run", values, ["eval/loss"])
+    runs = EventMultiplexer().AddRunsFromDirectory(str(tmp_path))
+    runs.Reload()
+    assert list(runs.Runs()) == ["run"]
+    content = runs.PluginRunToTagToContent(metadata.PLUGIN_NAME)["run"]
+    summary = metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
+    assert [h.name for h in summary.hparam_infos] == list(values)
+    assert [m.name.tag for m in summary.metric_infos] == ["eval/loss"]
+    start = metadata.parse_session_start_info_plugin_data(
+        content[metadata.SESSION_START_INFO_TAG]
+    ).hparams
+    assert start["a.b"].number_value == 3.0 and start["np"].number_value == 0.25
+    assert start["name"].string_value == "x" and start["flag"].bool_value is True
+    assert start["pair"].string_value == "[1, 2]"
+    assert runs.Scalars("run", "eval/loss")[-1].value == 0.5
+
+
 @pytest.mark.slow
 def test_import_schedany_does_not_import_tensorboard() -> None:
     code = "import sys, schedany; assert 'tensorboard' not in sys.modules, 'tensorboard imported'"
@@ -308,6 +336,7 @@ def _rank_worker(rank: int, world_size: int, init_file: str, root: str) -> None:
             schedule.step()
         shared.close()
         own.close()
+        write_hparams(os.path.join(root, f"hparams{rank}"), {"x": 1}, ["train/loss"])
         torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
@@ -321,6 +350,8 @@ def test_only_rank_zero_writes(tmp_path: Path) -> None:
     assert len(event_files(tmp_path / "shared")) == 1
     assert len(event_files(tmp_path / "rank0")) == 1
     assert not (tmp_path / "rank1").exists()  # rank 1 never touched the file system
+    assert len(event_files(tmp_path / "hparams0")) == 1
+    assert not (tmp_path / "hparams1").exists()
     assert len(read_scalars(tmp_path / "shared")["schedule/lr/head"]) == 3
 
 

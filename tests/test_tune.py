@@ -17,6 +17,7 @@ import secrets
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -659,12 +660,25 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Any:
         shutil.rmtree(temp, ignore_errors=True)
 
 
+GRID = [0, 3, 6, 12]
+WARMUP = "schedules.lr.num_warmup_steps"
+
+
+@pytest.fixture(scope="module")
+def grid_sweep(workdir: Path) -> subprocess.CompletedProcess[str]:
+    """Four trials on an embedded local Ray, over the warmup length; run once for the
+    tests that read it (results in ``workdir/runs/grid``)."""
+    path = write_sweep(workdir, "grid", search={WARMUP: {"grid": GRID}})
+    return cli("tune", str(path), timeout=300)  # ~140 s on a loaded 2-core machine
+
+
 @pytest.mark.slow
-def test_grid_over_warmup_through_the_cli(workdir: Path) -> None:
+def test_grid_over_warmup_through_the_cli(
+    workdir: Path, grid_sweep: subprocess.CompletedProcess[str]
+) -> None:
     """Four trials on an embedded local Ray; each reports its own curve's lr."""
-    warmups = [0, 3, 6, 12]
-    path = write_sweep(workdir, "grid", search={"schedules.lr.num_warmup_steps": {"grid": warmups}})
-    proc = cli("tune", str(path))
+    warmups = GRID
+    proc = grid_sweep
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "on local Ray" in proc.stdout and "best config:" in proc.stdout
     experiment = workdir / "runs" / "grid"
@@ -682,6 +696,41 @@ def test_grid_over_warmup_through_the_cli(workdir: Path) -> None:
             assert "eval/loss" in r and "train/loss" in r
         assert list((experiment / name / "logs").glob("events.out.tfevents.*"))
     assert seen == set(warmups)
+
+
+@pytest.mark.slow
+def test_each_trial_is_one_tensorboard_run_with_its_hparams(
+    workdir: Path, grid_sweep: subprocess.CompletedProcess[str]
+) -> None:
+    """``tensorboard --logdir EXPERIMENT`` finds one run per trial, the job's: its HParams
+    are the trial's searched value, its metrics the losses, ending at the last report."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+    from tensorboard.plugins.hparams import metadata
+
+    assert grid_sweep.returncode == 0, grid_sweep.stdout[-3000:] + grid_sweep.stderr[-3000:]
+    experiment = workdir / "runs" / "grid"
+    rows = trial_rows(experiment)
+    runs = EventMultiplexer().AddRunsFromDirectory(str(experiment))
+    runs.Reload()
+    assert sorted(runs.Runs()) == sorted(f"{name}/logs" for name in rows)
+    hparams = runs.PluginRunToTagToContent(metadata.PLUGIN_NAME)
+    seen = []
+    for name, trial in rows.items():
+        run = f"{name}/logs"
+        summary = metadata.parse_experiment_plugin_data(hparams[run][metadata.EXPERIMENT_TAG])
+        assert [h.name for h in summary.hparam_infos] == [WARMUP]
+        assert [m.name.tag for m in summary.metric_infos] == ["eval/loss", "train/loss"]
+        start = metadata.parse_session_start_info_plugin_data(
+            hparams[run][metadata.SESSION_START_INFO_TAG]
+        )
+        seen.append(start.hparams[WARMUP].number_value)
+        assert seen[-1] == trial[0]["config"][WARMUP]
+        last = trial[-1]
+        for tag in ("eval/loss", "train/loss"):
+            final = runs.Scalars(run, tag)[-1]  # what the HParams tab shows
+            assert final.step == last["global_step"]
+            assert final.value == struct.unpack("f", struct.pack("f", last[tag]))[0]
+    assert sorted(seen) == GRID
 
 
 @pytest.mark.slow

@@ -38,6 +38,8 @@ so a restore can tell whether its config changed since (PBT)."""
 LOG_SUBDIR = "logs"
 """Per-trial TensorBoard event files, ``metrics.jsonl`` and ``config.yaml``."""
 JOB_CHECKPOINT_SUBDIR = "job_checkpoints"
+LOSSES = ("eval/loss", "train/loss")
+"""The scalars every trial's TensorBoard run holds, and a sweep's metric is one of."""
 
 # --- the reference job as a trial ------------------------------------------------------
 
@@ -95,6 +97,16 @@ def tune_metrics(metrics: Mapping[str, float], train: TrainSection) -> dict[str,
     reading = out[f"clock/{train.axis}"]
     out[report_key(train.axis)] = reading - reading % train.log_every
     return out
+
+
+def write_trial_hparams(config: TrainConfig, values: Mapping[str, Any], metric: str) -> None:
+    """The trial's TensorBoard run (the job's, in ``train.log_dir``) gets the trial's
+    searched values as HParams, and the job's losses, the sweep's metric first, as the
+    metrics the HParams tab compares (each at its last value). Rank 0 writes it."""
+    from .tensorboard import write_hparams
+
+    assert config.train.log_dir is not None  # trial_config set it
+    write_hparams(config.train.log_dir, values, list(dict.fromkeys([metric, *LOSSES])))
 
 
 class TuneTrainer(Trainer):
@@ -223,6 +235,7 @@ def run_trial(values: dict[str, Any], *, settings: TrialSettings) -> None:
     # trial folder (which Tune syncs); on this node they outlive a crash of the trial.
     job_dir = job_folder(context.get_experiment_name(), context.get_trial_id())
     config = trial_config(config, trial_dir, settings.metric, job_dir)
+    write_trial_hparams(config, values, settings.metric)
     saved = stage_restore(tune.get_checkpoint(), job_dir)
     with tempfile.TemporaryDirectory(prefix="staging-", dir=job_dir) as staging:
         _run(
@@ -278,6 +291,7 @@ def _ddp_worker(loop_config: dict[str, Any]) -> None:
     settings: TrialSettings = loop_config["settings"]
     config = resolve_trial_config(settings.base, loop_config["values"])
     config = trial_config(config, loop_config["trial_dir"], settings.metric)
+    write_trial_hparams(config, loop_config["values"], settings.metric)
 
     def report(metrics: dict[str, float], checkpoint_path: str | None) -> None:
         ray.train.report(tune_metrics(metrics, config.train))

@@ -11,10 +11,12 @@ training function, with grid/random search, ASHA or Population Based Training
   ``global_step``, every scheduled value and a checkpoint, and restore with the schedule
   rebuilt from the trial's current config (what PBT needs).
 
-This module is the driver: where a sweep runs (:func:`ray_session`), its Tuner and
-trial scheduler, and the closing summary. The sweep file is checked in ``_sweep``; the
-search space and PBT's explore and restore live in ``_tune_space``; what runs inside a
-trial (ours, or your :func:`report` / :func:`restore`) in ``_tune_run``.
+This module is the driver: the Tuner and trial scheduler, and the closing summary.
+Where a sweep runs (:func:`ray_session`) is ``_ray_session``; the sweep file is checked
+in ``_sweep``; the search space and PBT's explore and restore live in ``_tune_space``;
+what runs inside a trial (ours, or your :func:`report` / :func:`restore`) in
+``_tune_run``. Each trial is one TensorBoard run, the job's, with its searched values
+as HParams (docs/integrations.md, "Ray Tune and TensorBoard's HParams").
 
 Targets the current Tune API (``tune.Tuner``, ``tune.report``, ``tune.get_checkpoint``,
 ``tune.RunConfig``). Ray is imported inside the functions that need it, so importing
@@ -24,20 +26,17 @@ this module is cheap, and ``import schedany`` never imports it.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
-import re
 import shutil
-import socket
 import sys
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ..config import ConfigError, config_to_dict
+from ._ray_session import ClusterError, Connection, parse_address, ray_session  # noqa: F401
 from ._sweep import ResourcesSection, Sweep, TuneSection, load_sweep
 from ._tune_run import (
     LOG_SUBDIR,
@@ -66,117 +65,8 @@ __all__ = [
     "run_trial",
     "schedule_metrics",
     "tune_command",
+    "without_tune_tensorboard",
 ]
-
-
-# --- where a sweep runs: an embedded local Ray, or an existing cluster by address -------
-
-_HOST_PORT = re.compile(
-    r"^(?:(?P<scheme>ray)://)?(?P<host>\[[0-9a-fA-F:]+\]|[^:/\s]+):(?P<port>\d{1,5})$"
-)
-
-
-class ClusterError(RuntimeError):
-    """The Ray cluster named by an address cannot be reached (exit code 1)."""
-
-
-@dataclass(frozen=True)
-class Connection:
-    """How a sweep reached Ray, for the closing message."""
-
-    mode: str
-    """``"local"`` (started here, stopped at the end) or ``"cluster"``."""
-    address: str
-    num_cpus: float
-
-
-def parse_address(address: str, where: str = "--address") -> tuple[str, int] | None:
-    """``(host, port)`` of a ``host:port`` / ``ray://host:port`` address, ``None`` for
-    ``auto``; a :class:`~schedany.config.ConfigError` naming ``where`` (a bad argument)
-    for anything else."""
-    if address == "auto":
-        return None
-    match = _HOST_PORT.match(address.strip())
-    if match is None or not 0 < int(match["port"]) < 65536:
-        raise ConfigError(where, f"expected 'auto', HOST:PORT or ray://HOST:PORT, got {address!r}")
-    return match["host"].strip("[]"), int(match["port"])
-
-
-def _probe(host: str, port: int, address: str, timeout_s: float) -> None:
-    """A TCP connect, so a wrong address fails now instead of after Ray's retries."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            return
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise ClusterError(
-            f"cannot reach a Ray cluster at {address} ({reason}). Start one with "
-            f"`ray start --head --port {port}`, pass the address it prints, or omit "
-            f"--address for a local Ray."
-        ) from None
-
-
-@contextlib.contextmanager
-def ray_session(
-    address: str | None,
-    *,
-    probe_timeout_s: float = 3.0,
-    num_cpus: int | None = None,
-    env_vars: Mapping[str, str] | None = None,
-) -> Iterator[Connection]:
-    """Connect (or start), yield a :class:`Connection`, and disconnect at the end.
-
-    Only a local Ray started here is stopped by ``ray.shutdown``; leaving a cluster
-    only disconnects this driver. ``num_cpus`` sizes a local Ray (default: this
-    machine's cores); it is ignored for a cluster. ``env_vars`` are set in every
-    worker of this job (a cluster's workers do not see this process's environment).
-    A malformed ``address`` (or ``RAY_ADDRESS``) is a
-    :class:`~schedany.config.ConfigError`, raised before Ray is imported.
-    """
-    where = "--address"
-    if address is None:
-        address, where = os.environ.get("RAY_ADDRESS") or None, "RAY_ADDRESS"
-    if address is not None:
-        hostport = parse_address(address, where)
-        if hostport is not None:
-            _probe(*hostport, address, probe_timeout_s)
-    import ray  # after the probe: a wrong address fails before this slow import
-
-    if ray.is_initialized():
-        raise ClusterError("Ray is already initialised in this process; call ray.shutdown() first")
-    quiet: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
-    if env_vars:
-        quiet["runtime_env"] = {"env_vars": dict(env_vars)}
-    try:
-        if address is None:
-            ray.init(
-                address="local",
-                num_cpus=num_cpus or os.cpu_count(),
-                include_dashboard=False,
-                **quiet,
-            )
-            mode = "local"
-        else:
-            ray.init(address=address, **quiet)
-            mode = "cluster"
-    except ConnectionError as exc:
-        hint = ""
-        if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
-            # Ray sends its token only to a cluster it found itself, never to an
-            # address it was given, unless told to.
-            hint = (
-                " If the cluster uses token authentication (Ray's default for "
-                "`ray start`), set RAY_AUTH_MODE=token and the cluster's token in "
-                "RAY_AUTH_TOKEN or ~/.ray/auth_token."
-            )
-        raise ClusterError(f"cannot connect to a Ray cluster at {address}: {exc}.{hint}") from None
-    try:
-        connection = Connection(
-            mode, address or "local", float(ray.cluster_resources().get("CPU", 0.0))
-        )
-        yield connection
-    finally:
-        ray.shutdown()
 
 
 # --- the Tuner --------------------------------------------------------------------------
@@ -272,7 +162,8 @@ def _storage_root(storage_path: str) -> str:
 
 
 def make_tuner(sweep: Sweep, connection: Connection, *, verbose: int = 1) -> Any:
-    """The ``tune.Tuner`` of ``sweep``, on the Ray this process is connected to."""
+    """The ``tune.Tuner`` of ``sweep``, on the Ray this process is connected to; fit it
+    in :func:`without_tune_tensorboard`, as :func:`run_sweep` does."""
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -288,6 +179,8 @@ def make_tuner(sweep: Sweep, connection: Connection, *, verbose: int = 1) -> Any
         max_failures=t.max_failures,
         storage_dir=None if "://" in storage else os.path.join(storage, sweep.name),
     )
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
     trainable = tune.with_parameters(run_trial, settings=settings)
     trainable = tune.with_resources(trainable, _trial_resources(t.resources))
     return tune.Tuner(
@@ -312,9 +205,32 @@ def make_tuner(sweep: Sweep, connection: Connection, *, verbose: int = 1) -> Any
                 max_failures=t.max_failures if t.resources.workers == 1 else 0
             ),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=_keep(t)),
+            # Tune's result files, without its TensorBoard logger: each trial's run is
+            # the job's (see without_tune_tensorboard).
+            callbacks=[CSVLoggerCallback(), JsonLoggerCallback()],
             verbose=verbose,
         ),
     )
+
+
+_AUTO_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
+
+
+@contextlib.contextmanager
+def without_tune_tensorboard() -> Iterator[None]:
+    """Fit a Tuner of :func:`make_tuner` in this block: Tune adds a TensorBoard logger of
+    its own to a run that passes none, and each trial would show twice, its Tune results
+    beside the job's run (``<trial>/logs``, the scalars and the HParams). Tune reads
+    this documented switch when ``fit()`` starts; it is put back at the end."""
+    saved = os.environ.get(_AUTO_LOGGERS)
+    os.environ[_AUTO_LOGGERS] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[_AUTO_LOGGERS]
+        else:
+            os.environ[_AUTO_LOGGERS] = saved
 
 
 def run_sweep(
@@ -327,7 +243,7 @@ def run_sweep(
     """
     # The job's fault injection (tests of max_failures) reaches the trials on a cluster too.
     forwarded = {k: v for k, v in os.environ.items() if k.startswith("SCHEDANY_FAULT_")}
-    with ray_session(address, env_vars=forwarded) as connection:
+    with ray_session(address, env_vars=forwarded) as connection, without_tune_tensorboard():
         results = make_tuner(sweep, connection, verbose=verbose).fit()
     if connection.mode == "local":
         # Trials stopped early (ASHA) or failed leave their job folders on this node.
@@ -372,7 +288,8 @@ def _summary(sweep: Sweep, results: Any, connection: Connection) -> tuple[list[s
     if best.checkpoint is not None:
         lines.append(f"best checkpoint: {best.checkpoint.path}")
     lines.append(
-        f"tensorboard: tensorboard --logdir {experiment}  (per trial: <trial>/{LOG_SUBDIR})"
+        f"tensorboard: tensorboard --logdir {experiment}  (one run per trial, "
+        f"<trial>/{LOG_SUBDIR}; the HParams tab compares them)"
     )
     return lines, not failed
 

@@ -15,6 +15,9 @@ TensorBoard's own writer spends ~1.6 ms in a pure-Python CRC alone. A ``writer``
 pass in gets one ``add_scalar`` per tag, its public API (~30 ms for 400 tags).
 ``add_scalars`` is never used (it makes one run directory per tag).
 
+:func:`write_hparams` gives a run its hyperparameters for the HParams tab (each Tune
+trial's run gets its searched values, docs/integrations.md).
+
 Needs ``tensorboardX`` and ``crc32c`` (``pip install schedany[tensorboard]``);
 importing :mod:`schedany` does not import this module.
 """
@@ -22,11 +25,13 @@ importing :mod:`schedany` does not import this module.
 from __future__ import annotations
 
 import itertools
+import json
+import numbers
 import os
 import re
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +45,7 @@ from ..errors import check_integer
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
-__all__ = ["ScheduleLogger", "custom_scalars_layout"]
+__all__ = ["ScheduleLogger", "custom_scalars_layout", "write_hparams"]
 
 _FLUSH_SECS = 120.0
 """Like SummaryWriter's ``flush_secs``: what was written reaches TensorBoard this soon."""
@@ -58,6 +63,42 @@ def custom_scalars_layout(schedule: SynchronousSchedule) -> dict[str, dict[str, 
             for key in schedule.schedule_names
         }
     }
+
+
+def write_hparams(
+    log_dir: str | os.PathLike[str], hparams: Mapping[str, Any], metrics: Sequence[str]
+) -> None:
+    """Give the TensorBoard run in ``log_dir`` its hyperparameters, for the HParams tab.
+
+    ``hparams``: the run's values (numbers, strings and booleans as they are, anything
+    else as its JSON text). ``metrics``: scalar tags the run writes (``eval/loss``); the
+    HParams tab shows each at its last value. The summaries go into a new event file in
+    ``log_dir``, which TensorBoard reads as part of the same run: the scalars and the
+    HParams stay one run (``SummaryWriter.add_hparams`` would add a sub-run). Every run
+    of a sweep writes the same hyperparameter names and metrics, so the tab compares
+    them. Written on rank 0 only; the first values a run was given are the ones shown.
+    """
+    if not _is_rank_zero():
+        return
+    from tensorboardX.summary import hparams as hparams_summaries
+
+    values = {name: _hparam_value(value) for name, value in hparams.items()}
+    experiment, session_start, _ = hparams_summaries(values, dict.fromkeys(metrics, 0.0))
+    file = _EventFile(os.fspath(log_dir), None)
+    try:
+        file.write_summary(experiment)
+        file.write_summary(session_start)
+    finally:
+        file.close()
+
+
+def _hparam_value(value: Any) -> bool | float | str:
+    """What an HParams column can hold: a bool, a number or a string."""
+    if isinstance(value, bool | str):
+        return value
+    if isinstance(value, numbers.Real):  # numpy numbers too
+        return float(value)
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def _is_rank_zero() -> bool:
@@ -264,6 +305,12 @@ class _EventFile:
         from tensorboardX.summary import custom_scalars
 
         self._write(Event(wall_time=time.time(), summary=custom_scalars(layout)))
+
+    def write_summary(self, summary: Any) -> None:
+        """One event holding a tensorboardX ``Summary`` (the HParams plugin's)."""
+        from tensorboardX.proto.event_pb2 import Event
+
+        self._write(Event(wall_time=time.time(), summary=summary))
 
     def write_scalars(self, step: int, scalars: Mapping[str, float], walltime: float) -> None:
         """One event holding every value of ``scalars``."""
