@@ -10,6 +10,7 @@ per optimizer step at most. The estimator's state resumes exactly.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -241,3 +242,42 @@ def test_noise_scale_under_ddp_and_fsdp2() -> None:
     assert "does not support a sharded (FSDP2) model" in message
     assert "synchronizes gradients only on a logical batch's last micro-step" in message
     assert "comm hook already" in results[0]["hooked"]
+
+
+# --- the example job -----------------------------------------------------------------------
+
+
+def test_example_logs_the_noise_scale_next_to_the_logical_batch_size(tmp_path) -> None:
+    from _job_runs import EXAMPLES, TINY_MODEL
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    from schedany.config import load_config
+    from schedany.job import train as train_job
+
+    config = load_config(
+        EXAMPLES / "noise_scale.yaml",
+        [
+            *TINY_MODEL,
+            "train.micro_batch_size=4",
+            "train.steps=5",
+            "train.eval_every=0",
+            "train.progress=none",
+            "extend.logical_batch_size=300",  # tokens: a few micro-steps of the tiny model
+            f"train.log_dir={tmp_path / 'logs'}",
+            f"train.checkpoint_dir={tmp_path / 'ckpt'}",
+        ],
+    )
+    train_job(config)
+    events = EventAccumulator(str(tmp_path / "logs"), size_guidance={SCALARS: 0})
+    events.Reload()
+    scalars = {t: [(e.step, e.value) for e in events.Scalars(t)] for t in events.Tags()["scalars"]}
+    noise = scalars["control/noise_scale"]
+    for group in ("decay", "no_decay"):
+        size = scalars[f"schedule/logical_batch_size/{group}"]
+        assert [step for step, _ in size] == [step for step, _ in noise] == [1, 2, 3, 4, 5]
+    assert all(math.isfinite(value) and value > 0 for _, value in noise)
+    logged = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").open()]
+    assert [value for _, value in noise] == pytest.approx(
+        [line["control"]["noise_scale"] for line in logged], rel=1e-6
+    )
+    assert {"guard/clip_coef", "guard/grad_norm", "guard/skipped_steps"} <= scalars.keys()
