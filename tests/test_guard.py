@@ -430,3 +430,51 @@ def test_guard_config_errors_name_the_path(tmp_path: Path) -> None:
             "extend.logical_batch_size=64",
             "control.noise_scale_ema=1.5",
         )
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_with_guard_and_noise_scale(tmp_path: Path) -> None:
+    """Two ranks: skips agree (no rank waits in a collective the other skipped), a step's
+    skipped logical batches count in the clock, and the noise scale comes from the ranks.
+
+    Skips need a threshold inside the spread of the gradient norms, which fall as the
+    model learns: the threshold is 20x higher for the first steps (an inverse warmup),
+    then the 30th percentile of a one-process run's norms (a logical batch counts tokens
+    over all ranks, so one process sees the same norms)."""
+    from _job_runs import launch, ok, run_args, sets
+
+    settings = [*JOB, "train.steps=8", "extend.logical_batch_size=300"]
+    config = str(EXAMPLES / "noise_scale.yaml")
+    never = [f"extend.{SKIP}=1.0e9", f"guard.skip_key={SKIP}"]
+    free = job(tmp_path, "one", *settings, *never, config=config)
+    norms = sorted(line["guard"]["grad_norm"] for line in free[4:])
+    schedule = (
+        f"schedules.{SKIP}={{curve: constant_with_inverse_warmup, warmup_to_value: 1.0, "
+        "num_warmup_steps: 4, warmup_multiplier: 20.0}"
+    )
+    run = tmp_path / "ddp"
+    overrides = [
+        *settings,
+        f"extend.{SKIP}={norms[len(norms) * 3 // 10]}",
+        f"guard.skip_key={SKIP}",
+        schedule,
+        "distributed.strategy=ddp",
+    ]
+    argv = ["train", config, *sets(overrides), *run_args(run)]
+    ok(launch(argv, torchrun=["--nproc-per-node", "2"]))
+    seen = lines(run)
+    assert [line["step"] for line in seen] == list(range(1, 9))
+    assert all(math.isfinite(line["control"]["noise_scale"]) for line in seen)
+    micro = [line["micro_steps"] for line in seen]
+    assert [line["clock"]["samples"] for line in seen] == [
+        2 * 4 * sum(micro[: i + 1]) for i in range(len(micro))
+    ]
+    skips = [line["guard"]["skipped_steps"] for line in seen]
+    assert skips[-1] > 0, skips
+    for i, line in enumerate(seen):
+        tokens = line["clock"]["tokens"] - (seen[i - 1]["clock"]["tokens"] if i else 0)
+        skipped = skips[i] > (skips[i - 1] if i else 0)
+        # A step's tokens are its stepped logical batch's, plus those of the ones skipped.
+        assert (
+            (tokens > line["control"]["items"]) if skipped else tokens == line["control"]["items"]
+        )
