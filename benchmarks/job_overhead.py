@@ -12,7 +12,19 @@ For each example config, in one process:
 
 The two are interleaved step by step (the machine is shared; drift hits both); the
 medians of each side's step time and of the paired per-step ratio are reported (target
-ratio <= 1.05 for baseline and logical_batch). Run: ``python benchmarks/job_overhead.py [--quick]``.
+ratio <= 1.05 for baseline and logical_batch).
+
+Then each feature against the same job without it (target ratio <= 1.02), two Trainers
+from the same config and seed, interleaved step by step:
+
+- ``clip``: ``guard.clip_key`` on baseline, a scheduled per-group threshold that clips
+  (one norm pass per step, one in-place scale per clipped group);
+- ``clip+skip``: the same with ``guard.skip_key`` too (never reached: the same norms);
+- ``noise(logical_batch)``, ``noise(gnts)``: ``control.noise_scale=true`` (one process:
+  a norm pass at the first micro-step and at the close for LogicalBatchSize; nothing for
+  GNTS, whose norms are measured anyway).
+
+Run: ``python benchmarks/job_overhead.py [--quick]``.
 """
 
 from __future__ import annotations
@@ -32,6 +44,16 @@ from schedany.job.trainer import Trainer
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "configs"
 QUIET = ["train.log_dir=null", "train.checkpoint_dir=null", "train.progress=none"]
+CLIP = ["extend.gradient_clip_threshold=0.5", "guard.clip_key=gradient_clip_threshold"]
+FEATURES = {  # name: (example config, the feature's overrides)
+    "clip": ("baseline", CLIP),
+    "clip+skip": (
+        "baseline",
+        [*CLIP, "extend.gradient_skip_threshold=1.0e6", "guard.skip_key=gradient_skip_threshold"],
+    ),
+    "noise(logical_batch)": ("logical_batch", ["control.noise_scale=true"]),
+    "noise(gnts)": ("gnts", ["control.noise_scale=true"]),
+}
 
 
 class Bare:
@@ -106,11 +128,37 @@ def measure(name: str, steps: int, warmup: int) -> tuple[float, float, float, fl
     )
 
 
+def measure_feature(name: str, steps: int, warmup: int) -> tuple[float, float, float, float]:
+    """Per optimizer step: the job with the feature, then the job without it. Returns
+    medians (with ms, without ms, paired ratio) and micro-steps per step (with)."""
+    config_name, overrides = FEATURES[name]
+    path = EXAMPLES / f"{config_name}.yaml"
+    with_it = Trainer(load_config(path, [*QUIET, *overrides]))
+    without = Trainer(load_config(path, QUIET))
+    times: tuple[list[float], list[float]] = ([], [])
+    micro = 0
+    for i in range(warmup + steps):
+        for trainer, out in ((with_it, times[0]), (without, times[1])):
+            start = time.perf_counter()
+            _, count = trainer.train_step()
+            if i >= warmup:
+                out.append(time.perf_counter() - start)
+                micro += count if trainer is with_it else 0
+    ratios = [a / b for a, b in zip(*times)]
+    return (
+        statistics.median(times[0]) * 1e3,
+        statistics.median(times[1]) * 1e3,
+        statistics.median(ratios),
+        micro / steps,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--configs", nargs="+", default=["baseline", "logical_batch", "weight_decay", "gnts"]
+        "--configs", nargs="*", default=["baseline", "logical_batch", "weight_decay", "gnts"]
     )
+    parser.add_argument("--features", nargs="*", default=list(FEATURES), help="of FEATURES")
     parser.add_argument("--quick", action="store_true", help="fewer rounds")
     args = parser.parse_args()
     steps = 20 if args.quick else 60
@@ -122,6 +170,11 @@ def main() -> None:
     for name in args.configs:
         job, bare, ratio, micro = measure(name, steps, warmup=5)
         print(f"{name:<15}{micro:>11.2f}{job:>13.1f}{bare:>14.1f}{ratio:>8.3f}")
+    if args.features:
+        print(f"\n{'feature':<22}{'micro/step':>11}{'with ms':>10}{'without ms':>12}{'ratio':>8}")
+    for name in args.features:
+        with_ms, without_ms, ratio, micro = measure_feature(name, steps, warmup=5)
+        print(f"{name:<22}{micro:>11.2f}{with_ms:>10.1f}{without_ms:>12.1f}{ratio:>8.3f}")
 
 
 if __name__ == "__main__":

@@ -128,7 +128,9 @@ class AccumulationController:
         self._sync = GradientSync(model)
         self._dp = DataParallelGroup(model, self._sync.kind, process_group, self.name)
         self.world_size = self._dp.size
-        self._noise = None
+        self._plain_grads_sharded = plain_grads_sharded(model, self._sync.kind)
+        read_scheduled_value(optimizer, key, self.name)  # a typo fails here, not mid-run
+        self._noise = None  # built last: under DDP it registers a comm hook on the model
         if noise_scale:
             self._noise = NoiseScale(
                 model,
@@ -138,8 +140,6 @@ class AccumulationController:
                 self.name,
                 self.measures_gradients,
             )
-        self._plain_grads_sharded = plain_grads_sharded(model, self._sync.kind)
-        read_scheduled_value(optimizer, key, self.name)  # a typo fails here, not mid-run
         self._mode: Mode | None = None
         self._optimizer_steps = 0
         self._dropped_batches = 0
@@ -281,8 +281,8 @@ class AccumulationController:
         return 1
 
     def _unit_items(self) -> float:
-        """Items of one rank's micro-batch: 1 with num_items (a micro-batch's items are
-        counted one by one), else its share of :meth:`_micro_batch_items`."""
+        """What the noise scale's unit is in items: an item with num_items, else one
+        rank's micro-batch, its share of :meth:`_micro_batch_items`."""
         return 1.0 if self._mode == "num_items" else self._micro_batch_items() / self.world_size
 
     # --- the protocol's machinery -------------------------------------------------
