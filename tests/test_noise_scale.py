@@ -224,6 +224,12 @@ def _job(rank: int, world_size: int) -> dict:
         GradientNormThreshold(model, make(model, 64), noise_scale=True)
     except ValueError as exc:
         out["hooked"] = str(exc)
+    # A controller rebuilt on the same model (a Tune restore) takes schedany's hook over.
+    model = DDP(Linear())
+    opt = make(model, 32)
+    GradientNormThreshold(model, opt, max_accumulation_steps=2, noise_scale=True)
+    again = GradientNormThreshold(model, opt, max_accumulation_steps=2, noise_scale=True)
+    out["rebuilt"] = train(again, opt, 8, True, seed(7 + rank), batches=COUNTED)[-1]
     return out
 
 
@@ -242,6 +248,7 @@ def test_noise_scale_under_ddp_and_fsdp2() -> None:
     assert "does not support a sharded (FSDP2) model" in message
     assert "synchronizes gradients only on a logical batch's last micro-step" in message
     assert "comm hook already" in results[0]["hooked"]
+    assert math.isfinite(results[0]["rebuilt"]) and results[0]["rebuilt"] > 0
 
 
 # --- the example job -----------------------------------------------------------------------

@@ -21,6 +21,7 @@ which for one small batch of ``n`` items (``M = n``, ``P = n²``) is the paper's
 from __future__ import annotations
 
 import math
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -35,6 +36,21 @@ if TYPE_CHECKING:
     from ._protocol import Tally
 
 _STATE_KEYS = frozenset({"squared_norm", "trace", "updates"})
+
+
+class _Listener:
+    """The comm hook's state: DDP's group and its all-reduce, and the estimator the hook
+    reports to now."""
+
+    def __init__(self, group: Any, allreduce: Any) -> None:
+        self.group = group
+        self.allreduce = allreduce
+        self.noise: NoiseScale | None = None
+
+
+_HOOKED: weakref.WeakKeyDictionary[nn.Module, _Listener] = weakref.WeakKeyDictionary()
+"""DDP models that carry schedany's comm hook. A DDP model takes one hook, once: a new
+controller on the same model (a rebuilt one, after a Tune restore) takes it over."""
 
 
 class NoiseScale:
@@ -167,19 +183,15 @@ class NoiseScale:
         return float(sharded + replicated)
 
     def _register_hook(self, model: nn.Module) -> None:
+        listener = _HOOKED.get(model)
+        if listener is not None:
+            listener.noise = self
+            return
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-        # No annotations: DDP checks a hook's against the real classes, and this module's
-        # are postponed (strings). The hook is allreduce_hook, DDP's default, plus a norm.
-        def hook(group, bucket):  # type: ignore[no-untyped-def]
-            # Before allreduce_hook divides the bucket in place: this rank's own sum.
-            if self._armed:
-                norm = torch.linalg.vector_norm(bucket.buffer())
-                self._buckets.append(norm.to(torch.float64).square())
-            return default_hooks.allreduce_hook(group, bucket)
-
+        listener = _Listener(model.process_group, default_hooks.allreduce_hook)
         try:
-            model.register_comm_hook(model.process_group, hook)  # type: ignore[operator]
+            model.register_comm_hook(listener, _hook)  # type: ignore[operator]
         except RuntimeError as exc:
             raise ValueError(
                 f"{self.owner}(noise_scale=True) reads each rank's own gradient in a DDP "
@@ -187,3 +199,19 @@ class NoiseScale:
                 f"hook already ({exc}); build the controller without noise_scale, or the "
                 "model without its hook"
             ) from exc
+        listener.noise = self
+        _HOOKED[model] = listener
+
+    def read_bucket(self, buffer: Tensor) -> None:
+        """The comm hook's report: one bucket of this rank's own (not yet averaged)
+        gradient, kept while the logical batch's small batch is being read."""
+        if self._armed:
+            self._buckets.append(torch.linalg.vector_norm(buffer).to(torch.float64).square())
+
+
+# No annotations: DDP checks a hook's against the real classes, and this module's are
+# postponed (strings). The hook is allreduce_hook, DDP's default, after a norm.
+def _hook(listener, bucket):  # type: ignore[no-untyped-def]
+    if listener.noise is not None:
+        listener.noise.read_bucket(bucket.buffer())  # before allreduce divides it in place
+    return listener.allreduce(listener.group, bucket)
