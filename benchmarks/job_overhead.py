@@ -12,12 +12,30 @@ For each example config, in one process:
 
 The two are interleaved step by step (the machine is shared; drift hits both); the
 medians of each side's step time and of the paired per-step ratio are reported (target
-ratio <= 1.05 for baseline and logical_batch). Run: ``python benchmarks/job_overhead.py [--quick]``.
+ratio <= 1.05 for baseline and logical_batch).
+
+Then each feature against the same job without it (target ratio <= 1.02), two Trainers
+from the same config and seed, interleaved step by step:
+
+- ``clip``: ``guard.clip_key`` on baseline, a scheduled per-group threshold that clips
+  (one norm pass per step, one in-place scale per clipped group);
+- ``clip+skip``: the same with ``guard.skip_key`` too (never reached: the same norms);
+- ``noise(logical_batch)``, ``noise(gnts)``: ``control.noise_scale=true`` (one process:
+  a norm pass at the first micro-step and at the close for LogicalBatchSize; nothing for
+  GNTS, whose norms are measured anyway).
+
+On a shared machine the paired ratio of two whole steps drifts by more than the 2 %
+asked, so the feature's own work is also timed alone, on live gradients (``own ms``:
+the guard's ``apply()``; the noise scale's two norm passes), and reported as
+``1 + own / without``, the bound that does not depend on the neighbours.
+
+Run: ``python benchmarks/job_overhead.py [--quick]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from pathlib import Path
@@ -25,6 +43,7 @@ from pathlib import Path
 import torch
 
 from schedany.config import load_config
+from schedany.control import LogicalBatchSize
 from schedany.job import model as model_lib
 from schedany.job.build import build_model
 from schedany.job.data import MicroBatchSampler, load_corpus
@@ -32,6 +51,16 @@ from schedany.job.trainer import Trainer
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "configs"
 QUIET = ["train.log_dir=null", "train.checkpoint_dir=null", "train.progress=none"]
+CLIP = ["extend.gradient_clip_threshold=0.5", "guard.clip_key=gradient_clip_threshold"]
+FEATURES = {  # name: (example config, the feature's overrides)
+    "clip": ("baseline", CLIP),
+    "clip+skip": (
+        "baseline",
+        [*CLIP, "extend.gradient_skip_threshold=1.0e6", "guard.skip_key=gradient_skip_threshold"],
+    ),
+    "noise(logical_batch)": ("logical_batch", ["control.noise_scale=true"]),
+    "noise(gnts)": ("gnts", ["control.noise_scale=true"]),
+}
 
 
 class Bare:
@@ -106,11 +135,73 @@ def measure(name: str, steps: int, warmup: int) -> tuple[float, float, float, fl
     )
 
 
+def own_cost_ms(trainer: Trainer, reps: int = 50) -> float:
+    """The feature's own work per optimizer step, timed alone on one micro-batch's live
+    gradients (restored before each repetition): the guard's ``apply()``, or the noise
+    scale's two norm passes (LogicalBatchSize in one process; GNTS adds none)."""
+    total, n = model_lib.loss(trainer.model, next(trainer.sampler), "sum")
+    (total / n).backward()
+    grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+    saved = [g.clone() for g in grads]
+    times = []
+    for _ in range(reps):
+        with torch.no_grad():
+            torch._foreach_copy_(grads, saved)
+        start = time.perf_counter()
+        if trainer.guard is not None:
+            trainer.guard.apply()
+        elif isinstance(trainer.controller, LogicalBatchSize):
+            torch.nn.utils.get_total_norm(grads)
+            torch.nn.utils.get_total_norm(grads)
+        times.append(time.perf_counter() - start)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return statistics.median(times) * 1e3
+
+
+def measure_feature(name: str, steps: int, warmup: int) -> tuple[float, float, float, float, float]:
+    """Per optimizer step: the job with the feature and the job without it, interleaved.
+
+    Two such pairs, built in opposite orders (with, without; then without, with): two
+    identical trainers in one process differ by up to ~15 % depending on which was built
+    first (measured here, A against A), and the geometric mean of the two pairs' median
+    ratios cancels that. Returns the medians over both pairs (with ms, without ms), that
+    ratio, micro-steps per step (with) and the feature's own ms (:func:`own_cost_ms`)."""
+    config_name, overrides = FEATURES[name]
+    path = EXAMPLES / f"{config_name}.yaml"
+    times: tuple[list[float], list[float]] = ([], [])
+    ratios: list[float] = []
+    micro = 0
+    for with_first in (True, False):
+        built = {}
+        for feature in (with_first, not with_first):
+            built[feature] = Trainer(load_config(path, [*QUIET, *(overrides if feature else [])]))
+        pair: tuple[list[float], list[float]] = ([], [])
+        for i in range(warmup + steps):
+            # Which goes first alternates too: the second of a pair runs on warmer caches.
+            for feature in (True, False) if i % 2 == 0 else (False, True):
+                start = time.perf_counter()
+                _, count = built[feature].train_step()
+                if i >= warmup:
+                    pair[0 if feature else 1].append(time.perf_counter() - start)
+                    micro += count if feature else 0
+        ratios.append(statistics.median(a / b for a, b in zip(*pair)))
+        times[0].extend(pair[0])
+        times[1].extend(pair[1])
+    return (
+        statistics.median(times[0]) * 1e3,
+        statistics.median(times[1]) * 1e3,
+        math.sqrt(ratios[0] * ratios[1]),
+        micro / (2 * steps),
+        own_cost_ms(built[True]),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--configs", nargs="+", default=["baseline", "logical_batch", "weight_decay", "gnts"]
+        "--configs", nargs="*", default=["baseline", "logical_batch", "weight_decay", "gnts"]
     )
+    parser.add_argument("--features", nargs="*", default=list(FEATURES), help="of FEATURES")
     parser.add_argument("--quick", action="store_true", help="fewer rounds")
     args = parser.parse_args()
     steps = 20 if args.quick else 60
@@ -122,6 +213,17 @@ def main() -> None:
     for name in args.configs:
         job, bare, ratio, micro = measure(name, steps, warmup=5)
         print(f"{name:<15}{micro:>11.2f}{job:>13.1f}{bare:>14.1f}{ratio:>8.3f}")
+    if args.features:
+        print(
+            f"\n{'feature':<22}{'micro/step':>11}{'with ms':>10}{'without ms':>12}{'ratio':>8}"
+            f"{'own ms':>9}{'1+own/without':>15}"
+        )
+    for name in args.features:
+        with_ms, without_ms, ratio, micro, own = measure_feature(name, steps, warmup=5)
+        print(
+            f"{name:<22}{micro:>11.2f}{with_ms:>10.1f}{without_ms:>12.1f}{ratio:>8.3f}"
+            f"{own:>9.3f}{1 + own / without_ms:>15.4f}"
+        )
 
 
 if __name__ == "__main__":

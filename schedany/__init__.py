@@ -10,7 +10,8 @@ The package reads as a map of the problem:
 - ``_builtins`` — the fourteen built-in schedules (curve + LambdaLR + bind).
 - ``_optimizer_utils`` — extend an optimizer with new keys, read them back.
 - :mod:`schedany.control` — reactive control loops that respond to scheduled values
-  (logical batch size, gradient norm threshold), exact under DDP and FSDP2.
+  (logical batch size, gradient norm threshold), exact under DDP and FSDP2, and the
+  gradient guards (scheduled clipping, spike skipping).
 - :mod:`schedany.config` — the YAML schedule/run config (``build_schedule``).
 - :mod:`schedany.job` — the reference training job behind ``schedany train``.
 - :mod:`schedany.integrations` — TensorBoard, Ray Tune, Lightning and the HF Trainer
@@ -40,6 +41,7 @@ from ._optimizer_utils import extend_optimizer, get_param_groups_regrouped_by_ke
 from ._synchronous import SynchronousSchedule
 from .config import ConfigError, build_schedule, load_config, register_curve
 from .control import GradientNormThreshold, LogicalBatchSize
+from .control.guard import GradientGuard
 
 __version__ = "0.1.0"
 
@@ -66,6 +68,7 @@ __all__ = [
     "warmup_stable_decay",
     "LogicalBatchSize",
     "GradientNormThreshold",
+    "GradientGuard",
     "build_schedule",
     "load_config",
     "register_curve",

@@ -5,6 +5,7 @@ Names (docs/inspecting_schedules.md, "During training"):
 - ``schedule/<key>/<group>`` for every scheduled key and param group; ``<group>`` is the
   group's ``name`` entry if it has one, else ``pg<i>``;
 - ``control/<metric>`` for every entry of the controller's ``metrics()``;
+- ``guard/<metric>`` for every entry of the gradient guard's ``metrics()``;
 - ``clock/steps``, ``clock/samples``, ``clock/tokens`` when the schedule has a clock.
 
 The reference trainer reads one :class:`StepRecord` per optimizer step, and its
@@ -29,7 +30,8 @@ from ._synchronous import SynchronousSchedule
 
 
 class Controller(Protocol):
-    """What the record reads from a controller (LogicalBatchSize, GradientNormThreshold)."""
+    """What the record reads from a controller (LogicalBatchSize, GradientNormThreshold)
+    or a guard (GradientGuard)."""
 
     def metrics(self) -> Mapping[str, float]: ...
 
@@ -76,6 +78,8 @@ class StepRecord:
     """``controller.metrics()``, or None without a controller."""
     clock: dict[str, int] | None = None
     """The schedule's clock (steps, samples, tokens so far), or None without one."""
+    guard: dict[str, float] | None = None
+    """``GradientGuard.metrics()``, or None without a guard."""
 
     @classmethod
     def read(
@@ -83,19 +87,21 @@ class StepRecord:
         schedule: SynchronousSchedule,
         controller: Controller | None = None,
         metrics: Mapping[str, float] | None = None,
+        guard: Controller | None = None,
     ) -> StepRecord:
-        """``metrics``: the controller's ``metrics()`` if the caller has just read them."""
+        """``metrics``: the controller's ``metrics()`` if the caller has just read them;
+        ``guard``: a :class:`~schedany.GradientGuard` whose ``metrics()`` to record."""
         values = {key: schedule.get_last_schedule(key) for key in schedule.schedule_names}
         if controller is not None and metrics is None:
             metrics = controller.metrics()
         control = None if controller is None else dict(metrics)
         clock = None if schedule.clock is None else schedule.clock.state_dict()
-        return cls(values, control, clock)
+        return cls(values, control, clock, None if guard is None else dict(guard.metrics()))
 
     def scalars(self, tags: Mapping[str, Sequence[str]]) -> dict[str, float]:
         """The record under its names: ``schedule/<key>/<group>`` in the order of
         ``tags`` (from :func:`schedule_tags`), then ``control/<metric>``, then
-        ``clock/<unit>``."""
+        ``clock/<unit>``, then ``guard/<metric>``."""
         out = {
             tag: float(value)
             for key, key_tags in tags.items()
@@ -105,4 +111,6 @@ class StepRecord:
             out.update({f"control/{name}": float(v) for name, v in self.control.items()})
         if self.clock is not None:
             out.update({f"clock/{unit}": float(n) for unit, n in self.clock.items()})
+        if self.guard is not None:
+            out.update({f"guard/{name}": float(v) for name, v in self.guard.items()})
         return out

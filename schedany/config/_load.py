@@ -21,6 +21,7 @@ from ._schema import (
     ControlSection,
     DataSection,
     DistributedSection,
+    GuardSection,
     ModelSection,
     OptimizerSection,
     ScheduleSpec,
@@ -55,6 +56,7 @@ def parse_config(data: Any) -> TrainConfig:
         "model": ModelSection,
         "data": DataSection,
         "control": ControlSection,
+        "guard": GuardSection,
         "train": TrainSection,
         "distributed": DistributedSection,
     }
@@ -68,6 +70,7 @@ def parse_config(data: Any) -> TrainConfig:
     kwargs["schedules"] = parse_schedules(data.get("schedules"))
     config = TrainConfig(**kwargs)
     _check_blocks_fit(config)
+    _check_guard(config)
     config.train.budget()  # exactly one: two are refused as the block is read, none here
     return config
 
@@ -82,6 +85,10 @@ def _check_blocks_fit(config: TrainConfig) -> None:
     if c.max_accumulation_steps is not None and c.kind != "gnts":
         raise ConfigError(
             "control.max_accumulation_steps", f"only applies to kind gnts, but kind is {c.kind}"
+        )
+    if c.noise_scale and c.kind == "none":
+        raise ConfigError(
+            "control.noise_scale", "needs a controller: set control.kind to logical_batch or gnts"
         )
     for name, spec in config.schedules.items():
         if spec.kind == "scheduler" and spec.name == "ReduceLROnPlateau":
@@ -104,6 +111,32 @@ def _check_blocks_fit(config: TrainConfig) -> None:
         ) from None
     if not is_numeric(value):
         raise ConfigError("control.key", f"optimizer.{key} is {show(value)}, not a number")
+
+
+def _check_guard(config: TrainConfig) -> None:
+    """Each ``guard`` key names a numeric optimizer key that starts >= 0."""
+    for field in ("clip_key", "skip_key"):
+        key = getattr(config.guard, field)
+        if key is None:
+            continue
+        path = f"guard.{field}"
+        if key in config.extend:
+            value, source = config.extend[key], f"extend.{key}"
+        else:
+            try:
+                value, source = initial_value(config.optimizer, key), f"optimizer.{key}"
+            except KeyError:
+                raise ConfigError(
+                    path,
+                    f"optimizer key {key!r} is neither an optimizer argument nor in extend; "
+                    f"add `extend: {{{key}: ...}}` (and usually a schedule for it)",
+                ) from None
+        if not is_numeric(value):
+            raise ConfigError(path, f"{source} is {show(value)}, not a number")
+        if not value >= 0:
+            raise ConfigError(
+                path, f"{source} is {show(value)}; a gradient norm bound must be >= 0"
+            )
 
 
 def load_config(path: str | os.PathLike[str], overrides: Iterable[str] = ()) -> TrainConfig:

@@ -138,6 +138,25 @@ class ControlSection:
     per-micro-batch mean; a logical batch size then counts rows)."""
     max_accumulation_steps: int | None = field(default=None, metadata=_min(1))
     """gnts only: step anyway after this many micro-steps (``null``: no limit)."""
+    noise_scale: bool = False
+    """Also measure the gradient noise scale ``tr(Σ)/‖G‖²`` at each optimizer step, in
+    items (``control/noise_scale``; docs/control_loops.md). Needs a controller."""
+    noise_scale_ema: float = field(default=0.95, metadata={"min": 0.0, "lt": 1.0})
+    """The moving-average factor smoothing the noise scale's two estimates."""
+
+
+@dataclass
+class GuardSection:
+    """``guard:`` — before each optimizer step, clip each param group's gradient to a
+    scheduled norm and skip steps whose gradient norm spikes (docs/control_loops.md).
+    Works with any ``control.kind``; its metrics are logged as ``guard/<metric>``."""
+
+    clip_key: str | None = None
+    """Optimizer key holding each group's clipping norm (``null``: no clipping); an
+    optimizer argument or declared in ``extend``, and usually scheduled."""
+    skip_key: str | None = None
+    """Optimizer key holding the skip threshold: a step whose total gradient norm exceeds
+    it (the max over groups) is skipped (``null``: never skip)."""
 
 
 @dataclass
@@ -226,6 +245,8 @@ class TrainConfig:
     """Target key -> schedule (docs/api.md, the schedule spec); at least one."""
     control: ControlSection = field(default_factory=ControlSection)
     """The reactive control loop."""
+    guard: GuardSection = field(default_factory=GuardSection)
+    """Gradient clipping and spike skipping."""
     train: TrainSection = field(default_factory=TrainSection)
     """Length, batch size, logging and checkpoints."""
     distributed: DistributedSection = field(default_factory=DistributedSection)

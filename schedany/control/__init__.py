@@ -11,6 +11,11 @@ Both controllers share one protocol (see ``docs/control_loops.md``)::
 - :class:`LogicalBatchSize` — accumulate to a scheduled logical batch size.
 - :class:`GradientNormThreshold` — accumulate until the mean gradient's norm is under a
   scheduled threshold (GNTS).
+- :class:`schedany.GradientGuard` (in :mod:`schedany.control.guard`) — not a loop but a
+  check before ``optimizer.step()``: clip each param group to a scheduled norm, skip
+  steps whose gradient norm spikes.
+
+With ``noise_scale=True`` either controller also measures the gradient noise scale.
 """
 
 from .gradient_norm import GradientNormThreshold

@@ -19,30 +19,44 @@ from ..errors import check_integer, is_real
 
 def read_scheduled_value(optimizer: Optimizer, key: str, owner: str) -> float:
     """The max over param groups of ``group[key]`` (groups without the key are skipped)."""
-    values = []
+    value = max(v for v in read_group_values(optimizer, key, owner) if v is not None)
+    if math.isnan(value):
+        raise ValueError(f"{owner}: the scheduled {key!r} is nan (max over param groups)")
+    return value
+
+
+def read_group_values(
+    optimizer: Optimizer, key: str, owner: str, *, minimum: float | None = None
+) -> list[float | None]:
+    """``group[key]`` of every param group as a float, ``None`` where a group lacks it.
+
+    A value that is not a real number is a ``TypeError``; with ``minimum``, one below it
+    (or nan) is a ``ValueError``; a key that no group holds is a ``KeyError``. Each
+    names the group, the key and the value.
+    """
+    values: list[float | None] = []
     for i, group in enumerate(optimizer.param_groups):
         if key not in group:
+            values.append(None)
             continue
         value = group[key]
         if isinstance(value, Tensor) and value.numel() == 1:
             value = value.item()
+        where = f"optimizer.param_groups[{i}][{key!r}]"
         if not is_real(value):
-            raise TypeError(
-                f"{owner}: optimizer.param_groups[{i}][{key!r}] must be a real number, "
-                f"got {value!r}"
-            )
-        values.append(float(value))
-    if not values:
+            raise TypeError(f"{owner}: {where} must be a real number, got {value!r}")
+        value = float(value)
+        if minimum is not None and not value >= minimum:  # nan fails too
+            raise ValueError(f"{owner}: {where} must be a number >= {minimum:g}, got {value!r}")
+        values.append(value)
+    if all(v is None for v in values):
         keys = sorted({k for group in optimizer.param_groups for k in group if k != "params"})
         raise KeyError(
             f"{owner}: key={key!r} is in no optimizer param group (keys: {keys})"
             f"{did_you_mean(key, keys)} "
             f"Add it first: schedany.extend_optimizer(optimizer, {key!r}, initial_value)"
         )
-    value = max(values)
-    if math.isnan(value):
-        raise ValueError(f"{owner}: the scheduled {key!r} is nan (max over param groups)")
-    return value
+    return values
 
 
 def check_optional_count(value: Any, name: str, owner: str) -> None:

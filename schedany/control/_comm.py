@@ -45,6 +45,11 @@ def register_controller(name: str) -> None:
         raise TypeError(f"{name}: its header id is taken by {known}; rename it")
 
 
+def _accelerator() -> torch.device:
+    """The current device of the backend's accelerator (for a model-less group on nccl)."""
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 class Header(NamedTuple):
     """What every rank's row of a micro-step's all-gather must agree on."""
 
@@ -70,7 +75,7 @@ class DataParallelGroup:
     """
 
     def __init__(
-        self, model: nn.Module, kind: ModelKind, process_group: Any | None, owner: str
+        self, model: nn.Module | None, kind: ModelKind, process_group: Any | None, owner: str
     ) -> None:
         self.owner = owner
         self.group: Any | None = None
@@ -94,12 +99,12 @@ class DataParallelGroup:
         if self.group is None and kind in ("ddp", "fsdp1"):
             self.group = getattr(model, "process_group", None)
         self.size = dist.get_world_size(self.group)
-        param = next(iter(model.parameters()), None)
-        if param is not None and dist.get_backend(self.group) != "gloo":
-            self.device = param.device
+        if dist.get_backend(self.group) != "gloo":
+            param = None if model is None else next(iter(model.parameters()), None)
+            self.device = param.device if param is not None else _accelerator()
 
     def all_gather(self, local: Tensor, where: str) -> Tensor:
-        """Every rank's ``local`` (1-D int64), as rows of a ``(size, n)`` CPU tensor."""
+        """Every rank's ``local`` (1-D), as rows of a ``(size, n)`` CPU tensor."""
         local = local.to(self.device)
         out = torch.empty(self.size * local.numel(), dtype=local.dtype, device=self.device)
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -139,6 +144,12 @@ class DataParallelGroup:
             )
         shares_of_all = rows[:, _SHARES:].contiguous().view(torch.float64)
         return sum(r[_ITEMS] for r in table), shares_of_all
+
+    def sum(self, values: list[float], where: str) -> list[float]:
+        """``values`` summed over ranks (one float64 all-reduce)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        self._run("all-reduce", where, lambda: dist.all_reduce(t, group=self.group))
+        return t.tolist()
 
     def any(self, flag: bool, where: str) -> bool:
         """Whether ``flag`` is true on any rank (a 1-element all-reduce)."""

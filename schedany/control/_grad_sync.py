@@ -46,6 +46,13 @@ def model_kind(model: nn.Module) -> ModelKind:
     return "plain"
 
 
+def plain_grads_sharded(model: nn.Module, kind: ModelKind) -> bool:
+    """Whether ``model``'s plain-tensor gradients are per-rank shards: FSDP1's flat shards
+    (every strategy but NO_SHARD). FSDP2's shards are DTensors, which say so themselves."""
+    strategy = str(getattr(model, "sharding_strategy", "")).split(".")[-1]
+    return kind == "fsdp1" and strategy != "NO_SHARD"
+
+
 class GradientSync:
     """Turns ``model``'s gradient synchronization off for one micro-step at a time.
 

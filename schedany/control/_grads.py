@@ -8,6 +8,7 @@ collective a decision needs is made by the controller from the numbers returned 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -21,16 +22,21 @@ except ImportError:  # torch < 2.5, or a build without torch.distributed
         DTensor = None  # type: ignore[assignment,misc]
 
 
-def _is_dtensor(t: Tensor) -> bool:
+def is_dtensor(t: Tensor) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
 
 def local_grads(model: nn.Module) -> list[Tensor]:
     """This rank's gradient storage for every parameter that has a gradient."""
+    return grads_of(model.parameters())
+
+
+def grads_of(params: Iterable[Tensor]) -> list[Tensor]:
+    """This rank's gradient storage for each of ``params`` that has a gradient."""
     with torch.no_grad():
         return [
-            p.grad.to_local() if _is_dtensor(p.grad) else p.grad
-            for p in model.parameters()
+            p.grad.to_local() if is_dtensor(p.grad) else p.grad
+            for p in params
             if p.grad is not None
         ]
 
@@ -64,7 +70,16 @@ def _replicas(grad: Tensor) -> int:
 
 
 def squared_norms(model: nn.Module, plain_grads_sharded: bool) -> tuple[Tensor, Tensor]:
-    """This rank's share of ``‖grad‖²``, split into ``(sharded, replicated)`` parts.
+    """This rank's share of ``‖grad‖²`` over ``model``'s parameters (see
+    :func:`param_squared_norms`)."""
+    return param_squared_norms(model.parameters(), plain_grads_sharded)
+
+
+def param_squared_norms(
+    params: Iterable[Tensor], plain_grads_sharded: bool
+) -> tuple[Tensor, Tensor]:
+    """This rank's share of ``‖grad‖²`` over ``params``, split into ``(sharded,
+    replicated)`` parts.
 
     The global squared norm is the sharded part summed over ranks plus the replicated
     part of any one rank. DTensor shards are sharded (an element held by r replicas
@@ -75,11 +90,11 @@ def squared_norms(model: nn.Module, plain_grads_sharded: bool) -> tuple[Tensor, 
     weights: list[float] = []
     replicated: list[Tensor] = []
     with torch.no_grad():
-        for p in model.parameters():
+        for p in params:
             g = p.grad
             if g is None:
                 continue
-            if _is_dtensor(g):
+            if is_dtensor(g):
                 sharded.append(g.to_local())
                 weights.append(1.0 / _replicas(g))
             elif plain_grads_sharded:
@@ -119,9 +134,22 @@ def divide_(grads: list[Tensor], divisor: float) -> None:
     """Divide every local gradient in place by ``divisor`` (accumulated sum to mean)."""
     if divisor == 1.0 or not grads:
         return
+    with torch.no_grad():
+        for tensors in _by_device_and_dtype(grads):
+            torch._foreach_div_(tensors, divisor)
+
+
+def scale_(grads: list[Tensor], factor: float) -> None:
+    """Multiply every local gradient in place by ``factor`` (as ``clip_grad_norm_`` does:
+    a multiplication, which a division by ``1 / factor`` would not round the same)."""
+    with torch.no_grad():
+        for tensors in _by_device_and_dtype(grads):
+            torch._foreach_mul_(tensors, factor)
+
+
+def _by_device_and_dtype(grads: list[Tensor]) -> list[list[Tensor]]:
+    """``grads`` split by (device, dtype), the lists a ``_foreach`` kernel accepts."""
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
     for g in grads:
         groups[(g.device, g.dtype)].append(g)
-    with torch.no_grad():
-        for tensors in groups.values():
-            torch._foreach_div_(tensors, divisor)
+    return list(groups.values())

@@ -32,14 +32,16 @@ from torch.optim import Optimizer
 
 from ._checks import check_num_items, read_scheduled_value
 from ._comm import DataParallelGroup, Header, register_controller
-from ._grad_sync import GradientSync
+from ._grad_sync import GradientSync, plain_grads_sharded
 from ._grads import all_finite, divide_, local_grads, squared_norms
+from ._noise_scale import NoiseScale
 
 Mode = Literal["micro_batch", "num_items"]
 Decision = Literal["continue", "close", "drop"]
 """A controller's answer for one micro-step: keep accumulating, end the logical batch with
 the mean gradient (ready), or end it without an optimizer step."""
 _STATE_KEYS = frozenset({"controller", "mode", "optimizer_steps", "dropped_batches"})
+_NOISE_KEY = "noise_scale"  # in the state only with noise_scale=True
 
 
 def _sum_over_ranks(rows: Tensor) -> float:
@@ -97,7 +99,14 @@ class AccumulationController:
             register_controller(cls.name)
 
     def __init__(
-        self, model: nn.Module, optimizer: Optimizer, key: str, process_group: Any | None
+        self,
+        model: nn.Module,
+        optimizer: Optimizer,
+        key: str,
+        process_group: Any | None,
+        *,
+        noise_scale: bool = False,
+        noise_scale_ema: float = 0.95,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -111,17 +120,26 @@ class AccumulationController:
             )
         if not isinstance(key, str) or not key:
             raise TypeError(f"{self.name}: key must be a non-empty str, got {key!r}")
+        if not isinstance(noise_scale, bool):
+            raise TypeError(f"{self.name}: noise_scale must be a bool, got {noise_scale!r}")
         self.model = model
         self.optimizer = optimizer
         self.key = key
         self._sync = GradientSync(model)
         self._dp = DataParallelGroup(model, self._sync.kind, process_group, self.name)
         self.world_size = self._dp.size
-        # FSDP1 keeps each rank's shard of the flat gradient in a plain tensor.
-        self._plain_grads_sharded = self._sync.kind == "fsdp1" and (
-            str(getattr(model, "sharding_strategy", "")).split(".")[-1] != "NO_SHARD"
-        )
+        self._plain_grads_sharded = plain_grads_sharded(model, self._sync.kind)
         read_scheduled_value(optimizer, key, self.name)  # a typo fails here, not mid-run
+        self._noise = None  # built last: under DDP it registers a comm hook on the model
+        if noise_scale:
+            self._noise = NoiseScale(
+                model,
+                self._sync.kind,
+                self._dp,
+                noise_scale_ema,
+                self.name,
+                self.measures_gradients,
+            )
         self._mode: Mode | None = None
         self._optimizer_steps = 0
         self._dropped_batches = 0
@@ -156,6 +174,8 @@ class AccumulationController:
         if not self._open:
             self._target = self._read_target()  # may reject it; nothing has changed yet
             self._micro_steps, self._items, self._ready, self._open = 0, 0, False, True
+            if self._noise is not None:
+                self._noise.begin()
         # Until this micro-step completes, an exception anywhere (a failed collective,
         # the user's forward) leaves a logical batch no rank can finish consistently.
         self._failed = True
@@ -179,7 +199,10 @@ class AccumulationController:
             raise
         finally:
             self._in_block = False
-        self._end_micro_step(*(early or self._ask(items)))
+        tally, decision = early or self._ask(items)
+        if self._noise is not None:
+            self._noise.observe(tally, items, sync, decision)
+        self._end_micro_step(tally, decision)
         self._failed = False
 
     @property
@@ -189,13 +212,17 @@ class AccumulationController:
         return self._ready
 
     def metrics(self) -> dict[str, float]:
-        """Counters of the current (or just closed) logical batch, and totals."""
-        return {
+        """Counters of the current (or just closed) logical batch, and totals; with
+        ``noise_scale=True``, ``noise_scale`` (in items, as of the last ready batch)."""
+        out = {
             "micro_steps": float(self._micro_steps),
             "items": float(self._items),
             "optimizer_steps": float(self._optimizer_steps),
             "dropped_batches": float(self._dropped_batches),
         }
+        if self._noise is not None:
+            out[_NOISE_KEY] = self._noise.value
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         """The counters, at an optimizer-step boundary (not inside a logical batch)."""
@@ -205,16 +232,20 @@ class AccumulationController:
                 f"micro-step {self._micro_steps}); its accumulated gradients belong to no "
                 "checkpoint. Save when ready is True (after optimizer.step())."
             )
-        return {
+        state: dict[str, Any] = {
             "controller": self.name,
             "mode": self._mode,
             "optimizer_steps": self._optimizer_steps,
             "dropped_batches": self._dropped_batches,
         }
+        if self._noise is not None:
+            state[_NOISE_KEY] = self._noise.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore counters saved by :meth:`state_dict`; strict about keys and class."""
-        missing, unknown = _STATE_KEYS - state_dict.keys(), state_dict.keys() - _STATE_KEYS
+        keys = _STATE_KEYS | ({_NOISE_KEY} if self._noise is not None else set())
+        missing, unknown = keys - state_dict.keys(), state_dict.keys() - keys
         if missing or unknown:
             raise KeyError(
                 f"{self.name}.load_state_dict: missing keys {sorted(missing)}, "
@@ -229,6 +260,8 @@ class AccumulationController:
         self._mode = state_dict["mode"]
         self._optimizer_steps = int(state_dict["optimizer_steps"])
         self._dropped_batches = int(state_dict["dropped_batches"])
+        if self._noise is not None:
+            self._noise.load_state_dict(state_dict[_NOISE_KEY])
         self._micro_steps, self._items = 0, 0
         self._open = self._ready = self._failed = False
 
@@ -246,6 +279,11 @@ class AccumulationController:
         """Items a micro-step without num_items adds (over all ranks): one unit here.
         A controller that cannot count without num_items raises ``ValueError``."""
         return 1
+
+    def _unit_items(self) -> float:
+        """What the noise scale's unit is in items: an item with num_items, else one
+        rank's micro-batch, its share of :meth:`_micro_batch_items`."""
+        return 1.0 if self._mode == "num_items" else self._micro_batch_items() / self.world_size
 
     # --- the protocol's machinery -------------------------------------------------
 
@@ -334,6 +372,8 @@ class AccumulationController:
             grads = local_grads(self.model)
             # A decision taken before the backward never saw the gradients: check them now.
             if self.measures_gradients or self._agree_finite(grads):
+                if self._noise is not None:  # before the sum becomes the mean
+                    self._noise.close(tally, self._mode == "num_items", self._unit_items())
                 divide_(grads, tally.mean_divisor)
                 self._ready = True
                 self._optimizer_steps += 1

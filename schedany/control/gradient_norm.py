@@ -44,6 +44,10 @@ class GradientNormThreshold(AccumulationController):
         max_accumulation_steps: step anyway after this many micro-steps (``None``: never).
         process_group: the data-parallel group; defaults to DDP's/FSDP1's own group,
             else the default group. Must be ``None`` for a plain module.
+        noise_scale: also estimate the gradient noise scale ``tr(Σ)/‖G‖²`` (McCandlish
+            et al. 2018) at each ready batch, in items, as ``metrics()["noise_scale"]``
+            (docs/control_loops.md, "The gradient noise scale").
+        noise_scale_ema: the moving-average factor smoothing its two estimates.
 
     Example::
 
@@ -77,9 +81,19 @@ class GradientNormThreshold(AccumulationController):
         key: str = "gradient_norm_threshold",
         max_accumulation_steps: int | None = None,
         process_group: Any | None = None,
+        *,
+        noise_scale: bool = False,
+        noise_scale_ema: float = 0.95,
     ) -> None:
         check_optional_count(max_accumulation_steps, "max_accumulation_steps", self.name)
-        super().__init__(model, optimizer, key, process_group)
+        super().__init__(
+            model,
+            optimizer,
+            key,
+            process_group,
+            noise_scale=noise_scale,
+            noise_scale_ema=noise_scale_ema,
+        )
         self.max_accumulation_steps = max_accumulation_steps
         self._grad_norm = math.nan
 

@@ -45,6 +45,10 @@ class LogicalBatchSize(AccumulationController):
         micro_batch_size: items per rank per micro-step when ``num_items`` is not passed.
         process_group: the data-parallel group; defaults to DDP's/FSDP1's own group,
             else the default group. Must be ``None`` for a plain module.
+        noise_scale: also estimate the gradient noise scale ``tr(Σ)/‖G‖²`` (McCandlish
+            et al. 2018) at each ready batch, in items, as ``metrics()["noise_scale"]``
+            (docs/control_loops.md, "The gradient noise scale").
+        noise_scale_ema: the moving-average factor smoothing its two estimates.
 
     Example::
 
@@ -76,9 +80,19 @@ class LogicalBatchSize(AccumulationController):
         key: str = "logical_batch_size",
         micro_batch_size: int | None = None,
         process_group: Any | None = None,
+        *,
+        noise_scale: bool = False,
+        noise_scale_ema: float = 0.95,
     ) -> None:
         check_optional_count(micro_batch_size, "micro_batch_size", self.name)
-        super().__init__(model, optimizer, key, process_group)
+        super().__init__(
+            model,
+            optimizer,
+            key,
+            process_group,
+            noise_scale=noise_scale,
+            noise_scale_ema=noise_scale_ema,
+        )
         self.micro_batch_size = micro_batch_size
 
     def metrics(self) -> dict[str, float]:

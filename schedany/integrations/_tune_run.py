@@ -27,7 +27,7 @@ from .._clock import UNITS, Clock
 from .._record import StepRecord, schedule_tags
 from .._synchronous import SynchronousSchedule
 from ..config import TrainConfig, TrainSection
-from ..job.build import build_controller, build_run
+from ..job.build import build_controller, build_guard, build_run
 from ..job.distributed import is_rank0
 from ..job.trainer import Report, Trainer, TrainResult, train
 from ._tune_space import rebuild_at_step, resolve_trial_config
@@ -148,6 +148,10 @@ class TuneTrainer(Trainer):
             controller_state=saved,
         )
         self.optimizer, self.schedule, self.controller = optimizer, schedule, controller
+        guard = build_guard(self.config, self.model, optimizer)  # reads the new optimizer
+        if guard is not None and self.guard is not None:
+            guard.load_state_dict(self.guard.state_dict())
+        self.guard = guard
         self.clock = clock
         return path
 

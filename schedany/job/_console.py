@@ -118,7 +118,8 @@ class MetricsFile:
         self, step: int, micro_steps: int, record: StepRecord, losses: Mapping[str, float]
     ) -> None:
         """One line: the values per key and group as the record holds them (float64),
-        the controller's metrics (with a controller) and the losses computed this step."""
+        the controller's and the guard's metrics (when there are) and the losses
+        computed this step."""
         line: dict[str, Any] = {
             "step": step,
             "micro_steps": micro_steps,
@@ -128,6 +129,8 @@ class MetricsFile:
             line["control"] = record.control
         if record.clock is not None:
             line["clock"] = record.clock
+        if record.guard is not None:
+            line["guard"] = record.guard
         line.update(losses)
         self._file.write(json.dumps(line) + "\n")
 

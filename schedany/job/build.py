@@ -1,5 +1,5 @@
 """Build the pieces of the reference job from a :class:`~schedany.config.TrainConfig`:
-the model, the optimizer and schedule over its parameters, and the controller."""
+the model, the optimizer and schedule over its parameters, the controller and the guard."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from .._clock import Clock
 from ..config import Run, TrainConfig
 from ..config import build_run as build_config_run
 from ..control import GradientNormThreshold, LogicalBatchSize
+from ..control.guard import GradientGuard
 from . import model as model_lib
 
-__all__ = ["Controller", "build_controller", "build_model", "build_run"]
+__all__ = ["Controller", "build_controller", "build_guard", "build_model", "build_run"]
 
 Controller = LogicalBatchSize | GradientNormThreshold | None
 """What :func:`build_controller` returns; ``None`` for ``control.kind: none``."""
@@ -46,9 +47,20 @@ def build_controller(config: TrainConfig, model: nn.Module, optimizer: Optimizer
     key = config.control_key()
     if control.kind == "none" or key is None:
         return None
+    noise = {"noise_scale": control.noise_scale, "noise_scale_ema": control.noise_scale_ema}
     if control.kind == "logical_batch":
         micro = config.train.micro_batch_size if control.items == "samples" else None
-        return LogicalBatchSize(model, optimizer, key=key, micro_batch_size=micro)
+        return LogicalBatchSize(model, optimizer, key=key, micro_batch_size=micro, **noise)
     return GradientNormThreshold(
-        model, optimizer, key=key, max_accumulation_steps=control.max_accumulation_steps
+        model, optimizer, key=key, max_accumulation_steps=control.max_accumulation_steps, **noise
     )
+
+
+def build_guard(
+    config: TrainConfig, model: nn.Module, optimizer: Optimizer
+) -> GradientGuard | None:
+    """The ``guard:`` block's :class:`~schedany.GradientGuard` on ``model``, or None."""
+    guard = config.guard
+    if guard.clip_key is None and guard.skip_key is None:
+        return None
+    return GradientGuard(optimizer, guard.clip_key, guard.skip_key, model=model)

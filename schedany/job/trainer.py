@@ -1,7 +1,8 @@
 """The reference training job: read it top to bottom.
 
 One optimizer step = micro-batches until the controller is ready (one, without a
-controller), ``optimizer.step()``, the clock advanced by the step's data, the step's
+controller) and the guard lets the step through (a skipped step's data counts towards
+the next one), ``optimizer.step()``, the clock advanced by the step's data, the step's
 record (:class:`~schedany._record.StepRecord`), then ``schedule.step()``. Evaluation,
 checkpoints, logs and ``report`` happen between optimizer steps and write that record.
 
@@ -12,7 +13,6 @@ schedule and clock, controller, data position and RNG state.
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,10 +29,11 @@ from .._record import StepRecord, schedule_tags
 from ..config import ConfigError, TrainConfig, config_to_dict
 from . import checkpoint as ckpt
 from ._faults import maybe_inject_fault
+from ._losses import TrainLoss, evaluate
 from ._step_flags import StepFlags
-from .build import build_controller, build_model, build_run
+from .build import build_controller, build_guard, build_model, build_run
 from .data import MicroBatchSampler, eval_batches, load_corpus
-from .distributed import init_distributed, is_rank0, teardown, unwrap_model, wrap_model
+from .distributed import init_distributed, is_rank0, teardown, wrap_model
 from .model import loss as lm_loss
 
 __all__ = [
@@ -46,10 +47,12 @@ Report = Callable[[dict[str, float], "str | None"], None]
 """``report(metrics, checkpoint)``: called on rank 0 every ``train.log_every`` units of
 ``train.axis`` and after the last step. ``metrics`` holds ``global_step``, ``train/loss``
 (mean over the steps since the last report), ``eval/loss`` (when evaluated at that
-step), ``schedule/<key>/<group>``, ``control/<metric>`` and ``clock/<unit>``.
-``checkpoint`` is the path of the checkpoint written at that step, or None."""
+step), ``schedule/<key>/<group>``, ``control/<metric>``, ``guard/<metric>`` and
+``clock/<unit>``. ``checkpoint`` is the path of the checkpoint written at that step, or None."""
 
-_MAX_DROPPED_IN_A_ROW = 20
+_MAX_LOST_IN_A_ROW = 20
+"""Logical batches dropped (non-finite gradients), or steps skipped by the guard, in a
+row before the run stops: training has diverged."""
 
 
 @dataclass
@@ -98,6 +101,7 @@ class Trainer:
         self.clock = Clock()
         self.optimizer, self.schedule = build_run(config, self.model, clock=self.clock)
         self.controller = build_controller(config, self.model, self.optimizer)
+        self.guard = build_guard(config, self.model, self.optimizer)
         self.per_token = config.control.kind != "none" and config.control.items == "tokens"
         # Requests that act at one optimizer step on every rank (see _step_flags).
         self.flags = StepFlags("preempt", "edits", device=self.device)
@@ -128,20 +132,18 @@ class Trainer:
             world_size=world,
         )
         self.step = 0
-        # Train loss since the last report: the summed loss stays on the device (no sync
-        # per micro-step); token counts are CPU ints already (Batch.num_tokens).
-        self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        self._tokens = 0
+        self.train_loss = TrainLoss(self.device)  # since the last report
 
     # --- one optimizer step ----------------------------------------------------------
 
     def train_step(self) -> tuple[StepRecord, int]:
-        """Run micro-batches until the controller is ready, step the optimizer, record
-        the values this step used, then step the schedule. Returns that record and the
-        micro-batches the step took."""
-        ctl, model = self.controller, self.model
-        # Every batch this step drops comes before its one ready batch: drops in a row.
+        """Run micro-batches until the controller is ready and the guard passes, step the
+        optimizer, record the values this step used, then step the schedule. Returns that
+        record and the micro-batches the step took."""
+        ctl, model, guard = self.controller, self.model, self.guard
+        # Every batch this step drops or skips comes before its one stepped batch: in a row.
         dropped_before = 0.0 if ctl is None else ctl.metrics()["dropped_batches"]
+        skipped_before = 0.0 if guard is None else guard.metrics()["skipped_steps"]
         micro_steps = samples = tokens = 0
         while True:
             batch = next(self.sampler).to(self.device, non_blocking=True)
@@ -155,34 +157,38 @@ class Trainer:
                 with ctl.accumulate(num_items=batch.num_tokens if self.per_token else None):
                     total, n = lm_loss(model, batch, "sum")
                     (total if self.per_token else total / n).backward()
-            self._loss_sum += total.detach()
-            self._tokens += n
+            self.train_loss.add(total, n)
             if ctl is None or ctl.ready:
-                break
-            dropped_in_a_row = int(ctl.metrics()["dropped_batches"] - dropped_before)
-            if dropped_in_a_row >= _MAX_DROPPED_IN_A_ROW:
-                raise FloatingPointError(
-                    f"{dropped_in_a_row} logical batches in a row had non-finite "
-                    f"gradients at optimizer step {self.step + 1}; training diverged"
+                if guard is None or guard.apply():
+                    break
+                lost = guard.metrics()["skipped_steps"] - skipped_before
+                why = f"optimizer steps in a row were skipped (gradient norm > {guard.skip_key!r})"
+                _stop_if_diverged(lost, why, self.step)
+            else:
+                lost = ctl.metrics()["dropped_batches"] - dropped_before
+                _stop_if_diverged(
+                    lost, "logical batches in a row had non-finite gradients", self.step
                 )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         control = None if ctl is None else ctl.metrics()
         dropped = control is not None and control["dropped_batches"] != dropped_before
-        self.clock.advance(*self._agree(samples, tokens, control, dropped))
-        record = StepRecord.read(self.schedule, ctl, control)  # what this step used
+        skipped = guard is not None and guard.metrics()["skipped_steps"] != skipped_before
+        self.clock.advance(*self._agree(samples, tokens, control, dropped or skipped))
+        record = StepRecord.read(self.schedule, ctl, control, guard)  # what this step used
         self.schedule.step()
         return record, micro_steps
 
     def _agree(
         self, samples: int, tokens: int, control: dict[str, float] | None, dropped: bool
     ) -> tuple[int, int]:
-        """This step's samples and tokens over all ranks (dropped batches included);
-        sets :attr:`agreed`, the step flags raised on any rank. Every rank reads as many
-        rows as the others, so samples need no exchange; the tokens are summed by a
-        token-counting controller already (unless a batch was dropped), or ride on the
-        flags' all-reduce: one small collective per step under torchrun, in all."""
+        """This step's samples and tokens over all ranks (data of dropped batches and
+        skipped steps included); sets :attr:`agreed`, the step flags raised on any rank.
+        Every rank reads as many rows as the others, so samples need no exchange; the
+        tokens are summed by a token-counting controller already (unless a batch was
+        dropped or the step skipped), or ride on the flags' all-reduce: one small
+        collective per step under torchrun, in all."""
         samples *= self.env.world_size
         if self.per_token and not dropped and control is not None:
             self.agreed = self.flags.agree().raised
@@ -190,32 +196,11 @@ class Trainer:
         self.agreed, (total_tokens,) = self.flags.agree((tokens,))
         return samples, total_tokens
 
-    # --- evaluation, losses ------------------------------------------------------------
+    # --- evaluation --------------------------------------------------------------------
 
-    @torch.no_grad()
     def evaluate(self) -> float:
         """Per-token loss on the fixed held-out windows, over all ranks."""
-        net = unwrap_model(self.model)  # DDP: the plain module, no collectives; FSDP: itself
-        net.eval()
-        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for batch in self.eval_set:
-            total, n = lm_loss(net, batch.to(self.device), "sum")
-            sums[0] += total.to(torch.float64)
-            sums[1] += n
-        net.train()
-        if dist.is_initialized():
-            dist.all_reduce(sums)
-        return float(sums[0] / sums[1])
-
-    def take_train_loss(self) -> float:
-        """Mean per-token train loss since the last call, over all ranks."""
-        window = torch.stack([self._loss_sum, self._loss_sum.new_tensor(float(self._tokens))])
-        self._loss_sum.zero_()
-        self._tokens = 0
-        if dist.is_initialized():
-            dist.all_reduce(window)
-        loss_sum, tokens = window.tolist()  # one host sync
-        return loss_sum / tokens if tokens > 0 else math.nan
+        return evaluate(self.model, self.eval_set, self.device)
 
     # --- checkpoints -----------------------------------------------------------------------
 
@@ -224,6 +209,7 @@ class Trainer:
             "step": self.step,
             "schedule": self.schedule.state_dict(),
             "controller": None if self.controller is None else self.controller.state_dict(),
+            "guard": None if self.guard is None else self.guard.state_dict(),
             "data": self.sampler.state_dict(),
         }
 
@@ -266,10 +252,8 @@ class Trainer:
             # The optimizer now holds every saved key (extended ones included); the
             # schedule then rewrites each scheduled key to its saved value.
             self.schedule.load_state_dict(state["schedule"])
-            if (self.controller is None) != (state["controller"] is None):
-                raise ValueError("it was saved with a different control.kind")
-            if self.controller is not None:
-                self.controller.load_state_dict(state["controller"])
+            _load_part(self.controller, state["controller"], "control.kind")
+            _load_part(self.guard, state.get("guard"), "guard block")
             self.sampler.load_state_dict(state["data"])
         except ckpt.CheckpointError:
             raise
@@ -328,7 +312,7 @@ class Trainer:
 
                 losses: dict[str, float] = {}
                 if last or _crossed(before, x, cfg.log_every):
-                    train_loss = self.take_train_loss()
+                    train_loss = self.train_loss.take()
                     losses["train/loss"] = train_loss
                 if last or _crossed(before, x, cfg.eval_every):
                     eval_loss = self.evaluate()
@@ -364,6 +348,21 @@ class Trainer:
             if logger is not None:
                 logger.close()
         return TrainResult(self.step, train_loss, eval_loss, resumed_from, last_checkpoint)
+
+
+def _stop_if_diverged(lost: float, what: str, step: int) -> None:
+    if lost >= _MAX_LOST_IN_A_ROW:
+        raise FloatingPointError(
+            f"{int(lost)} {what} at optimizer step {step + 1}; training diverged"
+        )
+
+
+def _load_part(part: Any, state: dict[str, Any] | None, what: str) -> None:
+    """Restore the controller or the guard; the checkpoint must have one iff we do."""
+    if (part is None) != (state is None):
+        raise ValueError(f"it was saved with a different {what}")
+    if part is not None:
+        part.load_state_dict(state)
 
 
 def _crossed(before: int, now: int, every: int) -> bool:
