@@ -16,16 +16,17 @@ norm without bias, with relative standard deviation at most ``sqrt(2/m)``.
 
 No index tensor the size of the model is made: a block's signs come from two vectors of
 about ``sqrt(m)`` entries (``v_p``'s low and high bits, since ``popcount`` adds over
-them), and its buckets are a cyclic shift. On the CPU each block is added with two
-contiguous ``addcmul_`` (one block of scratch); elsewhere up to ``_CHUNK`` elements of
-blocks go through one ``index_add_`` (one chunk of scratch), which a GPU runs in a few
-kernels instead of three per block. Both give the same sketch up to rounding.
+them), and its buckets are a cyclic shift, one contiguous slice of a sketch of twice the
+length (whose halves are added at the end). On the CPU each block is an ``outer`` and an
+``addcmul_`` (one block of scratch); elsewhere up to ``_CHUNK`` elements of full blocks go
+through one ``index_add_`` (one chunk of scratch), a few kernels instead of two per
+block. Both give the same sketch up to rounding.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import math
 import struct
 from collections.abc import Sequence
 
@@ -74,6 +75,16 @@ def stream_seed(seed: int, logical_batch: int, micro_step: int) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
 
 
+@functools.lru_cache(maxsize=8)
+def _walsh_table(n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The ``n x n`` table ``(-1)**popcount(v & a)`` (Sylvester's Hadamard matrix): row
+    ``v`` is the Walsh function ``v``, read with one ``index_select`` per block group."""
+    table = torch.ones(1, 1, dtype=dtype)
+    while table.shape[0] < n:
+        table = torch.cat([torch.cat([table, table], 1), torch.cat([table, -table], 1)], 0)
+    return table.to(device)
+
+
 class _Hashes:
     """Per-block hash parameters, drawn ``_DRAW`` blocks at a time in block order, and the
     signs they define."""
@@ -87,11 +98,8 @@ class _Hashes:
         self._generator = torch.Generator().manual_seed(seed)
         self._drawn, self._used = torch.empty(4, _DRAW, dtype=torch.int64), _DRAW
         self._limits = torch.tensor([[self.lo], [self.hi], [2], [size]])
-        widest = max(self.lo, self.hi)
-        ones = torch.tensor([bin(i).count("1") & 1 for i in range(widest)], device=device)
-        self._parity = (1 - 2 * ones).to(dtype)  # (-1)**popcount(i)
-        self._lo_index = torch.arange(self.lo, device=device)
-        self._hi_index = torch.arange(self.hi, device=device)
+        self._lo_rows = _walsh_table(self.lo, device, dtype)
+        self._hi_rows = _walsh_table(self.hi, device, dtype)
 
     def take(self, count: int) -> Tensor:
         """The next ``count`` blocks' ``[v_lo, v_hi, c, H]`` columns, a (4, count) CPU tensor."""
@@ -109,8 +117,8 @@ class _Hashes:
         """Per block, ``(hi_signs, lo_signs)``: the block's sign of ``a`` is
         ``hi_signs[a // lo] * lo_signs[a % lo]``."""
         v_lo, v_hi, c = (drawn[i].to(self.device) for i in range(3))
-        lo = self._parity[self._lo_index[None, :] & v_lo[:, None]]
-        hi = self._parity[self._hi_index[None, :] & v_hi[:, None]]
+        lo = self._lo_rows.index_select(0, v_lo)
+        hi = self._hi_rows.index_select(0, v_hi)
         return hi * (1 - 2 * c[:, None]).to(self.dtype), lo
 
 
@@ -173,7 +181,7 @@ def _add_blocks(doubled: Tensor, piece: Tensor, hashes: _Hashes, drawn: Tensor) 
         else:  # a short last block needs only its first rows of signs
             used = -(-n // lo)
             torch.outer(hi[:used], lo_signs, out=scratch[: used * lo].view(used, lo))
-        doubled[shift : shift + n].addcmul_(block, signs[:n] if n < size else signs)
+        doubled[shift : shift + n].addcmul_(block, signs if n == size else signs[:n])
 
 
 def _add_rows(doubled: Tensor, rows: Tensor, hashes: _Hashes, drawn: Tensor) -> None:
@@ -211,4 +219,4 @@ class SketchedNorm:
         sketch = count_sketch(grads, self._numels, self.size, seed)
         total, summed = dp.all_reduce_sum(header, items, sketch, where, key)
         squares = float(summed.to(torch.float64).square().sum())
-        return total, squares / dp.size**2 if math.isfinite(squares) else squares
+        return total, squares / dp.size**2  # a NaN or inf stays one: the batch is dropped
