@@ -567,3 +567,30 @@ def test_ranks_out_of_step_raise_on_every_rank(ranks: list) -> None:
         assert "rank 0: GradientNormThreshold, logical batch 0" in diverged["batch"]
         assert "rank 1: GradientNormThreshold, logical batch 1" in diverged["batch"]
         assert "they read different targets [1.0, 2.0]" in diverged["target"]
+
+
+@pytest.mark.slow
+def test_the_job_runs_sketched_gnts_under_ddp_and_refuses_it_under_fsdp(tmp_path: Any) -> None:
+    from _job_runs import GNTS, STEPS, TINY, finish, launch, ok, records, run_args, sets
+
+    sketched = ["control.norm=sketch", "control.sketch_size=1024"]
+    torchrun = ["--nproc-per-node", "2"]
+    ddp = launch(
+        ["train", GNTS, *sets([*TINY, *sketched]), *run_args(tmp_path / "ddp")], None, torchrun
+    )
+    fsdp = launch(
+        [
+            "train",
+            GNTS,
+            *sets([*TINY, *sketched, "distributed.strategy=fsdp"]),
+            *run_args(tmp_path / "fsdp"),
+        ],
+        None,
+        torchrun,
+    )
+    ok(ddp)
+    steps = records(tmp_path / "ddp")
+    assert len(steps) == STEPS and sum(s["micro_steps"] for s in steps) > STEPS  # accumulated
+    assert all(math.isfinite(s["control"]["grad_norm"]) for s in steps)
+    code, _, err = finish(fsdp)
+    assert code != 0 and "control.norm: expected 'exact' for an FSDP model" in err
