@@ -166,7 +166,8 @@ class AccumulationController:
         self._failed = True
         # DDP reads its sync flag in forward(): a decision from counts is taken before it,
         # so only the closing micro-step syncs; one that needs the synced gradients can
-        # only come after the backward, so every micro-step syncs.
+        # only come after the backward, so every micro-step syncs (none does when the
+        # subclass measures the unsynced ones and reduces them at the close).
         early = None if self.measures_gradients else self._ask(items)
         sync = early[1] == "close" if early else not self._deferred_sync
         self._in_block = True
@@ -288,7 +289,7 @@ class AccumulationController:
 
     def _tally(self, items: int | None) -> Tally:
         """The counts after this micro-step (and the gradient norm, if measured), taking
-        one all-gather when they need other ranks' numbers, none otherwise."""
+        one collective when they need other ranks' numbers, none otherwise."""
         summed, sum_of_squares = items or 0, math.nan
         if self._distributed and (items is not None or self.measures_gradients):
             header = Header(
