@@ -90,6 +90,12 @@ def _check_blocks_fit(config: TrainConfig) -> None:
         raise ConfigError(
             "control.noise_scale", "needs a controller: set control.kind to logical_batch or gnts"
         )
+    if c.norm != "exact" and c.kind != "gnts":
+        raise ConfigError("control.norm", f"only applies to kind gnts, but kind is {c.kind}")
+    if c.sketch_size is not None and c.norm != "sketch":
+        raise ConfigError(
+            "control.sketch_size", f"only applies to norm sketch, but norm is {c.norm}"
+        )
     for name, spec in config.schedules.items():
         if spec.kind == "scheduler" and spec.name == "ReduceLROnPlateau":
             raise ConfigError(

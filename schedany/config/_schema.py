@@ -144,6 +144,16 @@ class ControlSection:
     noise_scale_ema: float = field(default=0.95, metadata={"min": 0.0, "lt": 1.0})
     """The moving-average factor smoothing the noise scale's two estimates."""
 
+    norm: Literal["exact", "sketch"] = "exact"
+    """gnts only: how the global gradient norm is measured under DDP. ``exact``: gradients
+    are all-reduced every micro-step. ``sketch``: each rank sketches its own gradients,
+    one small all-reduce per micro-step estimates the norm, and gradients are all-reduced
+    once per optimizer step (docs/control_loops.md; one process is exact either way, and
+    FSDP needs ``exact``)."""
+    sketch_size: int | None = field(default=None, metadata=_min(1))
+    """norm sketch only: the sketch's length m (``null``: 65536); the norm's relative
+    error is about sqrt(2/m), and each micro-step all-reduces m float64."""
+
 
 @dataclass
 class GuardSection:

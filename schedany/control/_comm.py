@@ -2,14 +2,16 @@
 
 A controller never communicates more than once per decision (see
 ``docs/control_loops.md``): one packed all-gather per micro-step (counts, norms, and a
-:class:`Header` that proves the ranks are in step) and, for sharded gradients only, one
-1-element all-reduce of a non-finite flag. A collective that fails (usually a timeout
-because another rank stopped calling ``accumulate()``) is re-raised as a ``RuntimeError``
-that says so.
+:class:`Header` that proves the ranks are in step) or, for a sketched norm, one all-reduce
+of the sketch that carries the items and a check of the header; and, for sharded
+gradients only, one 1-element all-reduce of a non-finite flag. A collective that fails
+(usually a timeout because another rank stopped calling ``accumulate()``) is re-raised as
+a ``RuntimeError`` that says so.
 """
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import zlib
 from typing import Any, NamedTuple
@@ -58,6 +60,21 @@ class Header(NamedTuple):
     logical_batch: int
     micro_step: int
     target: float
+
+
+def _digest(header: Header) -> list[int]:
+    """The header as four 16-bit numbers (a 64-bit hash): small enough that their sums
+    and sums of squares over any realistic world size are exact in float64."""
+    data = struct.pack(
+        "=I?qqd",
+        _controller_id(header.controller),
+        header.num_items,
+        header.logical_batch,
+        header.micro_step,
+        header.target,
+    )
+    value = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+    return [(value >> (16 * i)) & 0xFFFF for i in range(4)]
 
 
 def _describe(ids: list[int]) -> str:
@@ -150,6 +167,32 @@ class DataParallelGroup:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         self._run("all-reduce", where, lambda: dist.all_reduce(t, group=self.group))
         return t.tolist()
+
+    def all_reduce_sum(
+        self, header: Header, items: int, vector: Tensor, where: str, key: str
+    ) -> tuple[int, Tensor]:
+        """``items`` and ``vector`` summed over ranks in one float64 all-reduce.
+
+        The headers are checked in the same collective: each rank adds its header's
+        digest ``d`` and ``d²``, and the sums equal ``W·d`` and ``W·d²`` for a rank's own
+        ``d`` only if every rank sent the same ``d`` (the sums are the same everywhere, so
+        the ranks all pass or all fail). If they fail, one all-gather of the headers
+        raises the same error as :meth:`exchange` on every rank.
+        """
+        digest = _digest(header)
+        tail = [items, *digest, *(d * d for d in digest)]
+        local = torch.cat(
+            [
+                vector.reshape(-1).to(device=self.device, dtype=torch.float64),
+                torch.tensor(tail, dtype=torch.float64, device=self.device),
+            ]
+        )
+        self._run("all-reduce", where, lambda: dist.all_reduce(local, group=self.group))
+        summed = local[-len(tail) :].tolist()
+        if summed[1:] != [float(self.size * v) for v in tail[1:]]:
+            self.exchange(header, items, None, where, key)  # raises: the headers differ
+            raise RuntimeError(f"{self.owner}: ranks diverged at {where}")  # pragma: no cover
+        return int(summed[0]), local[: -len(tail)]
 
     def any(self, flag: bool, where: str) -> bool:
         """Whether ``flag`` is true on any rank (a 1-element all-reduce)."""

@@ -4,6 +4,12 @@ Gradient accumulation saves communication by reducing gradients only on the micr
 that closes a logical batch. Every wrapper spells "not this time" differently, and DDP
 reads its flag in ``forward()`` while FSDP reads it in the post-backward hooks, so the
 switch must cover the forward *and* the backward of the micro-step.
+
+Reducing *after* a backward that ran with sync off is DDP-only
+(:meth:`GradientSync.reduce_accumulated`): DDP arms its reducer in ``forward()``, so a
+forward through a stand-in module that reaches every parameter, and a backward of zeros,
+make DDP reduce what was accumulated, through its buckets and any registered comm hook.
+FSDP has no such path: its reduce-scatter runs from the hooks of a real backward.
 """
 
 from __future__ import annotations
@@ -53,6 +59,18 @@ def plain_grads_sharded(model: nn.Module, kind: ModelKind) -> bool:
     return kind == "fsdp1" and strategy != "NO_SHARD"
 
 
+class _TouchEveryParameter(nn.Module):
+    """Stands in for DDP's module for one forward: one output per parameter, each a
+    function of the whole parameter, so a backward of zeros reaches every one of them."""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        super().__init__()
+        self.touched = params  # a plain list: not registered as this module's parameters
+
+    def forward(self) -> list[torch.Tensor]:
+        return [p.sum() for p in self.touched]  # sum's backward is an expand: no copy
+
+
 class GradientSync:
     """Turns ``model``'s gradient synchronization off for one micro-step at a time.
 
@@ -69,6 +87,34 @@ class GradientSync:
         self.model = model
         self.kind: ModelKind = model_kind(model)
         self._fsdp2 = _fsdp2_modules(model) if self.kind == "fsdp2" else []
+
+    def reduce_accumulated(self) -> None:
+        """DDP: average over ranks, now, the gradients accumulated with sync off.
+
+        DDP has no call for this; its reducer is armed by a ``forward()`` with sync on
+        and fires from the parameters' gradient hooks. So the module DDP wraps is swapped,
+        for one forward, for a stand-in whose outputs reach every parameter (those with a
+        gradient, if DDP looks for unused ones), and a backward of zeros adds 0 to each
+        gradient: DDP's hooks see the accumulated gradients and all-reduce them once, in
+        its buckets and through the user's comm hook, exactly as after ``no_sync()``.
+        """
+        if self.kind != "ddp":
+            raise NotImplementedError(f"reduce_accumulated() needs DDP, got {self.kind}")
+        ddp = self.model
+        skip_unused = bool(getattr(ddp, "find_unused_parameters", False))
+        params = [
+            p
+            for p in ddp.parameters()
+            if p.requires_grad and (p.grad is not None or not skip_unused)
+        ]
+        wrapped = ddp.module
+        ddp.module = _TouchEveryParameter(params)
+        try:
+            with torch.enable_grad():
+                touched = ddp()
+        finally:
+            ddp.module = wrapped
+        torch.autograd.backward(touched, [torch.zeros_like(t) for t in touched])
 
     @contextlib.contextmanager
     def __call__(self, enabled: bool) -> Iterator[None]:

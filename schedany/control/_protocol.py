@@ -12,7 +12,9 @@ is asked before the forward, so that only the micro-step that closes synchronize
 gradients; as its decision never saw them, the gradients are checked for NaN/inf when it
 closes. A controller that decides from the gradient norm (``measures_gradients``) is asked
 after the backward, every micro-step synchronizes, and a non-finite norm drops the logical
-batch at once.
+batch at once; unless it estimates the norm from the unsynchronized gradients
+(``_deferred_sync``, GNTS with ``norm="sketch"``): then no micro-step synchronizes and the
+gradients are reduced once, when the batch closes.
 
 Numbers from other ranks come from one packed all-gather whose header (controller, mode,
 logical batch, micro-step, target) every rank checks, so ranks whose loops drifted apart
@@ -150,6 +152,9 @@ class AccumulationController:
         self._ready = False
         self._in_block = False
         self._failed = False
+        self._deferred_sync = False
+        """A gradient-measuring subclass sets it when its ``_exchange`` needs no synced
+        gradients: sync then stays off and the gradients are reduced when a batch closes."""
 
     # --- the public protocol ------------------------------------------------------
 
@@ -181,9 +186,10 @@ class AccumulationController:
         self._failed = True
         # DDP reads its sync flag in forward(): a decision from counts is taken before it,
         # so only the closing micro-step syncs; one that needs the synced gradients can
-        # only come after the backward, so every micro-step syncs.
+        # only come after the backward, so every micro-step syncs (none does when the
+        # subclass measures the unsynced ones and reduces them at the close).
         early = None if self.measures_gradients else self._ask(items)
-        sync = early is None or early[1] == "close"
+        sync = early[1] == "close" if early else not self._deferred_sync
         self._in_block = True
         try:
             with self._sync(enabled=sync):
@@ -321,12 +327,9 @@ class AccumulationController:
 
     def _tally(self, items: int | None) -> Tally:
         """The counts after this micro-step (and the gradient norm, if measured), taking
-        one all-gather when they need other ranks' numbers, none otherwise."""
-        shares = None  # the (sharded, replicated) parts of this rank's ‖S‖²
-        if self.measures_gradients:
-            shares = squared_norms(self.model, self._plain_grads_sharded)
+        one collective when they need other ranks' numbers, none otherwise."""
         summed, sum_of_squares = items or 0, math.nan
-        if self._distributed and (items is not None or shares is not None):
+        if self._distributed and (items is not None or self.measures_gradients):
             header = Header(
                 controller=self.name,
                 num_items=self._mode == "num_items",
@@ -334,11 +337,9 @@ class AccumulationController:
                 micro_step=self._micro_steps,
                 target=self._target,
             )
-            payload = None if shares is None else torch.stack(shares)
-            summed, rows = self._dp.exchange(header, items or 0, payload, self._where, self.key)
-            if shares is not None:
-                sum_of_squares = _sum_over_ranks(rows)
-        elif shares is not None:
+            summed, sum_of_squares = self._exchange(header, items or 0)
+        elif self.measures_gradients:
+            shares = squared_norms(self.model, self._plain_grads_sharded)
             sum_of_squares = float(shares[0] + shares[1])  # one host sync
         micro_steps = self._micro_steps + 1
         if self._mode == "num_items":
@@ -348,6 +349,16 @@ class AccumulationController:
             total = self._items + self._micro_batch_items()
             divisor = float(micro_steps)
         return Tally(micro_steps, total, self._target, divisor, sum_of_squares)
+
+    def _exchange(self, header: Header, items: int) -> tuple[int, float]:
+        """Items summed over ranks and the global ``‖S‖²`` (nan unless measured), in one
+        all-gather of every rank's row."""
+        shares = None  # the (sharded, replicated) parts of this rank's ‖S‖²
+        if self.measures_gradients:
+            shares = squared_norms(self.model, self._plain_grads_sharded)
+        payload = None if shares is None else torch.stack(shares)
+        summed, rows = self._dp.exchange(header, items, payload, self._where, self.key)
+        return summed, math.nan if shares is None else _sum_over_ranks(rows)
 
     def _agree_finite(self, grads: list[Tensor]) -> bool:
         """Whether the synced gradients are finite, the same answer on every rank.
@@ -369,6 +380,8 @@ class AccumulationController:
             return
         self._open = False
         if decision == "close":
+            if self._deferred_sync:
+                self._sync.reduce_accumulated()  # the batch's one gradient all-reduce
             grads = local_grads(self.model)
             # A decision taken before the backward never saw the gradients: check them now.
             if self.measures_gradients or self._agree_finite(grads):

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 from torch import nn
 from torch.optim import Optimizer
 
+from ..errors import ArgumentValueError, check_integer
 from ._checks import check_optional_count
+from ._comm import Header
 from ._protocol import AccumulationController, Decision, Tally
+from ._sketch import SketchedNorm, check_sketchable
+
+Norm = Literal["exact", "sketch"]
 
 __all__ = ["GradientNormThreshold"]
 
@@ -36,6 +41,14 @@ class GradientNormThreshold(AccumulationController):
     the micro-step). Gradients are synchronized every micro-step, since any micro-step
     may close the batch. A NaN or inf norm drops the logical batch on every rank.
 
+    With ``norm="sketch"`` under DDP on several ranks, gradients stay local between
+    micro-steps: each rank adds a CountSketch of its accumulated gradient into a
+    ``sketch_size`` vector, one all-reduce of it per micro-step gives every rank the same
+    unbiased estimate of :math:`\|S_k\|^2` (relative standard deviation at most
+    :math:`\sqrt{2/m}`), and DDP all-reduces the gradients once, when the batch closes,
+    so ``.grad`` is then exactly what ``"exact"`` leaves. One process has nothing to
+    sketch and decides exactly; FSDP is refused (see ``docs/control_loops.md``).
+
     Args:
         model: a plain module, ``DistributedDataParallel``, or a ``fully_shard`` (FSDP2)
             module; FSDP1 (FULL_SHARD, SHARD_GRAD_OP, NO_SHARD) works too.
@@ -48,6 +61,12 @@ class GradientNormThreshold(AccumulationController):
             et al. 2018) at each ready batch, in items, as ``metrics()["noise_scale"]``
             (docs/control_loops.md, "The gradient noise scale").
         noise_scale_ema: the moving-average factor smoothing its two estimates.
+        norm: ``"exact"`` (sync every micro-step) or ``"sketch"`` (one gradient
+            all-reduce per optimizer step; DDP or a plain module only).
+        sketch_size: ``m``, the sketch's length (``"sketch"`` only); the estimate's
+            relative error is about ``sqrt(2/m)``.
+        sketch_seed: seeds the sketch's hashes (fresh for every micro-step, the same on
+            every rank); saved in :meth:`state_dict`.
 
     Example::
 
@@ -81,11 +100,24 @@ class GradientNormThreshold(AccumulationController):
         key: str = "gradient_norm_threshold",
         max_accumulation_steps: int | None = None,
         process_group: Any | None = None,
+        norm: Norm = "exact",
+        sketch_size: int = 65536,
+        sketch_seed: int = 0,
         *,
         noise_scale: bool = False,
         noise_scale_ema: float = 0.95,
     ) -> None:
         check_optional_count(max_accumulation_steps, "max_accumulation_steps", self.name)
+        if norm not in ("exact", "sketch"):
+            raise ArgumentValueError(self.name, "norm", norm, "'exact' or 'sketch'")
+        if norm == "sketch" and noise_scale:
+            # The noise scale reads each rank's own gradient at the one sync of a step;
+            # with the sketch that path is untested, so it is refused rather than guessed.
+            raise ArgumentValueError(
+                self.name, "noise_scale", noise_scale, "False with norm='sketch'"
+            )
+        check_integer(sketch_size, "sketch_size", min=1, func=self.name)
+        check_integer(sketch_seed, "sketch_seed", min=0, func=self.name)
         super().__init__(
             model,
             optimizer,
@@ -94,14 +126,55 @@ class GradientNormThreshold(AccumulationController):
             noise_scale=noise_scale,
             noise_scale_ema=noise_scale_ema,
         )
+        if norm == "sketch":
+            check_sketchable(model, self._sync.kind, self.name)
         self.max_accumulation_steps = max_accumulation_steps
+        self.norm: Norm = norm
+        self.sketch_size = int(sketch_size)
         self._grad_norm = math.nan
+        # One process already holds the global gradient: nothing to sketch, exact is free.
+        self._sketch: SketchedNorm | None = None
+        if norm == "sketch" and self._sync.kind == "ddp" and self._distributed:
+            self._sketch = SketchedNorm(model, self.sketch_size, int(sketch_seed))
+            self._deferred_sync = True
+        self._sketch_seed = int(sketch_seed)
 
     def metrics(self) -> dict[str, float]:
         """``grad_norm`` (of the mean gradient), ``threshold``, ``micro_steps``,
         ``items`` (global; micro-steps without num_items), ``optimizer_steps``,
         ``dropped_batches``."""
         return {"grad_norm": self._grad_norm, "threshold": self._target, **super().metrics()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The counters (see the base class); with ``norm="sketch"`` also ``sketch_seed``."""
+        state = super().state_dict()
+        if self.norm == "sketch":
+            state["sketch_seed"] = self._sketch_seed
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; strict about keys (``sketch_seed`` with
+        ``norm="sketch"``, none without)."""
+        state = dict(state_dict)
+        seed = None
+        if self.norm == "sketch":
+            if "sketch_seed" not in state:
+                raise KeyError(
+                    f"{self.name}.load_state_dict: missing keys ['sketch_seed'], which "
+                    "norm='sketch' saves (a state saved with norm='exact' loads into a "
+                    "controller built with norm='exact')"
+                )
+            seed = check_integer(state.pop("sketch_seed"), "sketch_seed", min=0, func=self.name)
+        super().load_state_dict(state)
+        if seed is not None:
+            self._sketch_seed = seed
+            if self._sketch is not None:
+                self._sketch.seed = seed
+
+    def _exchange(self, header: Header, items: int) -> tuple[int, float]:
+        if self._sketch is None:
+            return super()._exchange(header, items)
+        return self._sketch.exchange(self._dp, header, items, self._where, self.key)
 
     def _decide(self, tally: Tally) -> Decision:
         self._grad_norm = tally.grad_norm  # inf or nan if not finite: the base drops it

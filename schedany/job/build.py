@@ -9,8 +9,10 @@ from torch.optim import Optimizer
 from .._clock import Clock
 from ..config import Run, TrainConfig
 from ..config import build_run as build_config_run
+from ..config.parsing import from_argument_error
 from ..control import GradientNormThreshold, LogicalBatchSize
 from ..control.guard import GradientGuard
+from ..errors import ArgumentError
 from . import model as model_lib
 
 __all__ = ["Controller", "build_controller", "build_guard", "build_model", "build_run"]
@@ -42,7 +44,12 @@ def build_run(
 
 
 def build_controller(config: TrainConfig, model: nn.Module, optimizer: Optimizer) -> Controller:
-    """The controller of ``control.kind`` on ``model`` (plain, DDP or FSDP2), or None."""
+    """The controller of ``control.kind`` on ``model`` (plain, DDP or FSDP2), or None.
+
+    Raises:
+        ConfigError: at ``control.<argument>`` when the controller refuses an argument
+            for this model (``control.norm: sketch`` under FSDP).
+    """
     control = config.control
     key = config.control_key()
     if control.kind == "none" or key is None:
@@ -51,9 +58,19 @@ def build_controller(config: TrainConfig, model: nn.Module, optimizer: Optimizer
     if control.kind == "logical_batch":
         micro = config.train.micro_batch_size if control.items == "samples" else None
         return LogicalBatchSize(model, optimizer, key=key, micro_batch_size=micro, **noise)
-    return GradientNormThreshold(
-        model, optimizer, key=key, max_accumulation_steps=control.max_accumulation_steps, **noise
-    )
+    try:
+        return GradientNormThreshold(
+            model,
+            optimizer,
+            key=key,
+            max_accumulation_steps=control.max_accumulation_steps,
+            norm=control.norm,
+            sketch_size=control.sketch_size or 65536,
+            sketch_seed=config.seed,  # a run's seed fixes its sketches too
+            **noise,
+        )
+    except ArgumentError as error:
+        raise from_argument_error(f"control.{error.argument}", error) from None
 
 
 def build_guard(
