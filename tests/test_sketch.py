@@ -204,6 +204,7 @@ GNTS_CONFIG = {
         "lr": {"curve": "constant_with_warmup", "warmup_to_value": 1.0, "num_warmup_steps": 0}
     },
     "seed": 3,
+    "train": {"steps": 10},
 }
 
 
