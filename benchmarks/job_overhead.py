@@ -13,12 +13,19 @@ For each example config, in one process:
 The two are interleaved step by step (the machine is shared; drift hits both); the
 medians of each side's step time and of the paired per-step ratio are reported (target
 ratio <= 1.05 for baseline and logical_batch). Run: ``python benchmarks/job_overhead.py [--quick]``.
+
+``--live``: instead, the cost of live control (docs/live_control.md): two identical jobs
+interleaved step by step, one listening for ``schedany control`` in a run folder (rank
+0's per-step ``listdir`` of the queue and its status file every 0.5 s), one with
+``train.log_dir: null`` (not listening); the paired ratio listening / not (target <= 1.01).
+Both make the trainer's one agreement per step, which costs no collective in one process.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -106,14 +113,46 @@ def measure(name: str, steps: int, warmup: int) -> tuple[float, float, float, fl
     )
 
 
+def measure_live(name: str, steps: int, warmup: int) -> tuple[float, float, float]:
+    """Per optimizer step, a listening job's step and a silent twin's (which goes first
+    alternates). Medians (listening ms, silent ms, paired ratio)."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        silent = Trainer(load_config(EXAMPLES / f"{name}.yaml", QUIET))
+        listening = Trainer(
+            load_config(EXAMPLES / f"{name}.yaml", [*QUIET, f"train.log_dir={run_dir}"])
+        )
+        listening.live.start()
+        times: tuple[list[float], list[float]] = ([], [])
+        try:
+            for i in range(warmup + steps):
+                pairs = list(zip((listening, silent), times))
+                for trainer, kept in pairs if i % 2 else pairs[::-1]:  # neither always first
+                    start = time.perf_counter()
+                    trainer.train_step()
+                    if i >= warmup:
+                        kept.append(time.perf_counter() - start)
+        finally:
+            listening.live.close()
+    ratios = [a / b for a, b in zip(*times)]
+    on, off = (statistics.median(t) * 1e3 for t in times)
+    return on, off, statistics.median(ratios)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--configs", nargs="+", default=["baseline", "logical_batch", "weight_decay", "gnts"]
     )
     parser.add_argument("--quick", action="store_true", help="fewer rounds")
+    parser.add_argument("--live", action="store_true", help="the cost of listening for edits")
     args = parser.parse_args()
     steps = 20 if args.quick else 60
+    if args.live:
+        print(f"{'config':<15}{'listening ms':>14}{'silent ms':>11}{'ratio':>8}")
+        for name in args.configs:
+            on, off, ratio = measure_live(name, steps, warmup=5)
+            print(f"{name:<15}{on:>14.2f}{off:>11.2f}{ratio:>8.3f}")
+        return
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; {steps} optimizer "
         "steps per config, job and bare interleaved step by step; medians"
