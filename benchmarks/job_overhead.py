@@ -17,8 +17,10 @@ ratio <= 1.05 for baseline and logical_batch). Run: ``python benchmarks/job_over
 ``--live``: instead, the cost of live control (docs/live_control.md): two identical jobs
 interleaved step by step, one listening for ``schedany control`` in a run folder (rank
 0's per-step ``listdir`` of the queue and its status file every 0.5 s), one with
-``train.log_dir: null`` (not listening); the paired ratio listening / not (target <= 1.01).
-Both make the trainer's one agreement per step, which costs no collective in one process.
+``train.log_dir: null`` (not listening); the paired ratio listening / not (target <= 1.01),
+and, since that ratio swims in the machine's noise, the per-step control work timed on its
+own and its share of a step. Both make the trainer's one agreement per step, which costs
+no collective in one process.
 """
 
 from __future__ import annotations
@@ -113,9 +115,11 @@ def measure(name: str, steps: int, warmup: int) -> tuple[float, float, float, fl
     )
 
 
-def measure_live(name: str, steps: int, warmup: int) -> tuple[float, float, float]:
+def measure_live(name: str, steps: int, warmup: int) -> tuple[float, float, float, float]:
     """Per optimizer step, a listening job's step and a silent twin's (which goes first
-    alternates). Medians (listening ms, silent ms, paired ratio)."""
+    alternates), and the listening job's per-step control work once more on its own
+    (``poll``, the agreement, ``at_boundary``: what its step just did). Medians
+    (listening ms, silent ms, paired ratio, control us)."""
     with tempfile.TemporaryDirectory() as run_dir:
         silent = Trainer(load_config(EXAMPLES / f"{name}.yaml", QUIET))
         listening = Trainer(
@@ -123,6 +127,7 @@ def measure_live(name: str, steps: int, warmup: int) -> tuple[float, float, floa
         )
         listening.live.start()
         times: tuple[list[float], list[float]] = ([], [])
+        control: list[float] = []
         try:
             for i in range(warmup + steps):
                 pairs = list(zip((listening, silent), times))
@@ -131,11 +136,16 @@ def measure_live(name: str, steps: int, warmup: int) -> tuple[float, float, floa
                     trainer.train_step()
                     if i >= warmup:
                         kept.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                listening.live.poll()
+                listening.live.at_boundary(listening.flags.agree())
+                if i >= warmup:
+                    control.append(time.perf_counter() - start)
         finally:
             listening.live.close()
     ratios = [a / b for a, b in zip(*times)]
     on, off = (statistics.median(t) * 1e3 for t in times)
-    return on, off, statistics.median(ratios)
+    return on, off, statistics.median(ratios), statistics.median(control) * 1e6
 
 
 def main() -> None:
@@ -148,10 +158,12 @@ def main() -> None:
     args = parser.parse_args()
     steps = 20 if args.quick else 60
     if args.live:
-        print(f"{'config':<15}{'listening ms':>14}{'silent ms':>11}{'ratio':>8}")
+        print(f"{'config':<15}{'listening ms':>14}{'silent ms':>11}{'ratio':>8}", end="")
+        print(f"{'control us':>12}{'share':>8}")
         for name in args.configs:
-            on, off, ratio = measure_live(name, steps, warmup=5)
-            print(f"{name:<15}{on:>14.2f}{off:>11.2f}{ratio:>8.3f}")
+            on, off, ratio, us = measure_live(name, steps, warmup=5)
+            print(f"{name:<15}{on:>14.2f}{off:>11.2f}{ratio:>8.3f}{us:>12.1f}", end="")
+            print(f"{us / (off * 1e3):>8.2%}")
         return
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; {steps} optimizer "

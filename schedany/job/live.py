@@ -102,10 +102,15 @@ class LiveControl:
         tail: list[dict[str, Any]] = []
         log_dir = self.trainer.config.train.log_dir
         if journal and is_rank0() and log_dir is not None:
+            journal_file = Path(log_dir) / channel.JOURNAL
             step = self.trainer.step
             tail = [
-                r for r in channel.read_jsonl(Path(log_dir) / channel.JOURNAL) if r["step"] > step
+                r
+                for r in channel.read_jsonl(journal_file)
+                if isinstance(r.get("step"), int) and r["step"] > step
             ]
+            # In the order they applied: by step, replays before new edits at one step.
+            tail.sort(key=lambda r: r["step"])
         self.replay = _from_rank0(tail)
 
     # --- rank 0's files ---------------------------------------------------------------
@@ -130,7 +135,7 @@ class LiveControl:
             run_dir / channel.CONFIG, yaml.safe_dump(self.base, sort_keys=False).encode()
         )
         self._journal = channel.open_private_append(run_dir / channel.JOURNAL, truncate=True)
-        for record in self.applied:
+        for record in [*self.applied, *self.replay]:  # the replayed ones stay on record
             self._journal.write(json.dumps(record) + "\n")
         self._journal.flush()
         self._run_dir, self._queue, self._logger = run_dir, channel.queue_dir(run_dir), logger
@@ -192,10 +197,13 @@ class LiveControl:
         """Rank 0, once per optimizer step: raise ``edits`` if a request waits."""
         if self._queue is None:
             return
-        if channel.has_queued(self._queue):
-            self.trainer.flags.raise_flag("edits")
-        if time.monotonic() >= self._next_status:
-            self.write_status("running")
+        try:  # a run folder removed under the run does not stop it
+            if channel.has_queued(self._queue):
+                self.trainer.flags.raise_flag("edits")
+            if time.monotonic() >= self._next_status:
+                self.write_status("running")
+        except OSError:
+            self._next_status = time.monotonic() + STATUS_EVERY_S
 
     def at_boundary(self, agreed: frozenset[str]) -> None:
         """Every rank, after the step's agreement: apply the journal's edits due at this
@@ -205,7 +213,7 @@ class LiveControl:
         while self.replay and self.replay[0]["step"] <= step:
             record = self.replay.pop(0)
             if record["step"] == step:
-                self._apply(record)
+                self._apply(record, journaled=True)
         if "edits" not in agreed:
             return
         t = self.trainer
@@ -260,8 +268,9 @@ class LiveControl:
         with contextlib.suppress(OSError):
             os.replace(self._queue / name, self._queue / f"{number:06d}.refused")
 
-    def _apply(self, record: dict[str, Any]) -> None:
-        """Apply one record on this rank (all ranks alike), then record it on rank 0."""
+    def _apply(self, record: dict[str, Any], *, journaled: bool = False) -> None:
+        """Apply one record on this rank (all ranks alike), then record it on rank 0
+        (in the journal unless it is there already)."""
         t = self.trainer
         applied = [*self.applied, record]
         self.data, self.cooldowns = effective_config(self.base, applied)
@@ -275,16 +284,17 @@ class LiveControl:
         self.applied = applied
         self.changed = True
         if self._run_dir is not None:
-            self._record(record)
+            self._record(record, journaled)
 
-    def _record(self, record: dict[str, Any]) -> None:
-        """Rank 0: the journal (flushed to disk first), TensorBoard, the log, the status;
-        then the queue file is put aside."""
+    def _record(self, record: dict[str, Any], journaled: bool) -> None:
+        """Rank 0: the journal (on disk first), TensorBoard, the log, the status; then
+        the queue file is put aside."""
         assert self._queue is not None
         line = json.dumps(record)
-        self._journal.write(line + "\n")
-        self._journal.flush()
-        os.fsync(self._journal.fileno())
+        if not journaled:
+            self._journal.write(line + "\n")
+            self._journal.flush()
+            os.fsync(self._journal.fileno())
         t = self.trainer
         text = f"{describe(record)} (after step {record['step']})"
         if self._logger is not None:
