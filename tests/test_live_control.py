@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -34,17 +35,12 @@ from schedany import curves
 from schedany.cli import main
 from schedany.job._channel import read_jsonl
 from schedany.job._safe_load import load_plain
+from schedany.job.control import control_command, make_request
 
 LR, WD = 3e-3, 0.1  # gnts.yaml's optimizer values
-LONG = [
-    *TINY,
-    "train.steps=1000000",  # the runs below end with `control stop`
-    "train.checkpoint_every=4",
-    "train.keep_checkpoints=1000",
-    "schedules.weight_decay.unit=tokens",
-    "schedules.weight_decay.num_warmup_steps=500",
-    "schedules.weight_decay.num_training_steps=10000000",
-]
+LONG = [*TINY, "train.steps=1000000", "train.checkpoint_every=4", "train.keep_checkpoints=1000"]
+LONG += ["schedules.weight_decay.unit=tokens", "schedules.weight_decay.num_warmup_steps=500"]
+LONG += ["schedules.weight_decay.num_training_steps=10000000"]  # runs end with `control stop`
 WD_CURVE = curves.cosine_annealing_with_warmup(1.0, 0.1, 500, 10_000_000)
 
 
@@ -155,14 +151,19 @@ def edited(tmp_path_factory):
     e["wd"] = send(run, proc, "cooldown", "weight_decay", "--over", "3000", "--shape", "cosine")
     wait_for("a checkpoint after the cooldown", lambda: step_of(run) >= e["wd"]["step"] + 6, proc)
     before = len(applied(run))
-    both = (
-        ["set", "schedules.gradient_norm_threshold.anneal_to_value=0.5"],
-        ["cooldown", "lr", "--over", "10", "--to", "1e-5"],
-    )
-    cli = [sys.executable, "-m", "schedany", "control", logs]  # two commands at once:
-    pair = [subprocess.Popen([*cli, *a], text=True, stdout=subprocess.PIPE) for a in both]
-    e["pair_output"] = [p.communicate(timeout=TIMEOUT) for p in pair]
-    assert [p.returncode for p in pair] == [0, 0], e["pair_output"]
+    both = [  # two commands at once (the queue's race itself: test_live_edits.py)
+        make_request("set", sets=["schedules.gradient_norm_threshold.anneal_to_value=0.5"]),
+        make_request("cooldown", target="lr", over=10, to=1e-5),
+    ]
+    names: list[str] = []
+    threads = [
+        threading.Thread(target=lambda r=r: names.append(control_command(logs, r))) for r in both
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(names) == 2
     e["pair"] = wait_for(
         "both to apply", lambda: applied(run)[before:][1:] and applied(run)[before:], proc
     )
