@@ -14,14 +14,13 @@ queue by hand gets no further than one sent by the command.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from .._clock import Clock
 from ..config import ConfigError, TrainConfig, build_run, parse_config
-from ..config.parsing import apply_overrides, check_int, parse_override, show
+from ..config.parsing import apply_overrides, check_int, check_number, parse_override, show
 from ..curves import BUILTIN_CURVES
 from .rebuild import Cooldown
 
@@ -148,8 +147,7 @@ def check_request(request: Request, data: Mapping[str, Any]) -> tuple[dict[str, 
         if config.train.checkpoint_dir is None:
             raise ConfigError(
                 "train.checkpoint_dir",
-                "is null, so the run cannot checkpoint before it stops; stop it with a "
-                "signal instead (its progress since the start is lost)",
+                "is null, so the run cannot checkpoint before it stops",
             )
         return dict(data), config
     target = request.target
@@ -171,12 +169,8 @@ def check_request(request: Request, data: Mapping[str, Any]) -> tuple[dict[str, 
                 f"required: schedules.{target} is {spec.kind} {spec.name}, which has no "
                 "anneal_to_value to end at",
             )
-    elif (
-        isinstance(request.to, bool)
-        or not isinstance(request.to, (int, float))
-        or not (math.isfinite(request.to))
-    ):
-        raise ConfigError("--to", f"expected a finite number, got {show(request.to)}")
+    else:
+        check_number(request.to, "--to")
     return dict(data), config
 
 

@@ -126,7 +126,9 @@ class LiveControl:
         if other is not None and other.get("pid") != os.getpid():
             raise ConfigError(
                 "train.log_dir",
-                f"another run (pid {other['pid']} on {other['host']}) is writing to {run_dir}",
+                f"another run (pid {other['pid']} on {other['host']}) is writing to {run_dir}; "
+                f"give this run its own log_dir, or remove {channel.listener_file(run_dir)} "
+                "if that run is gone",
             )
         run_dir.mkdir(parents=True, exist_ok=True)
         channel.make_private_dir(channel.control_dir(run_dir))
