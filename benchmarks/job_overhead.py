@@ -29,7 +29,15 @@ asked, so the feature's own work is also timed alone, on live gradients (``own m
 the guard's ``apply()``; the noise scale's two norm passes), and reported as
 ``1 + own / without``, the bound that does not depend on the neighbours.
 
-Run: ``python benchmarks/job_overhead.py [--quick]``.
+Run: ``python benchmarks/job_overhead.py [--quick] [--live]``.
+
+``--live``: instead, the cost of live control (docs/live_control.md): two identical jobs
+interleaved step by step, one listening for ``schedany control`` in a run folder (rank
+0's per-step ``listdir`` of the queue and its status file every 0.5 s), one with
+``train.log_dir: null`` (not listening); the paired ratio listening / not (target <= 1.01),
+and, since that ratio swims in the machine's noise, the per-step control work timed on its
+own and its share of a step. Both make the trainer's one agreement per step, which costs
+no collective in one process.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -196,6 +205,39 @@ def measure_feature(name: str, steps: int, warmup: int) -> tuple[float, float, f
     )
 
 
+def measure_live(name: str, steps: int, warmup: int) -> tuple[float, float, float, float]:
+    """Per optimizer step, a listening job's step and a silent twin's (which goes first
+    alternates), and the listening job's per-step control work once more on its own
+    (``poll``, the agreement, ``at_boundary``: what its step just did). Medians
+    (listening ms, silent ms, paired ratio, control us)."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        silent = Trainer(load_config(EXAMPLES / f"{name}.yaml", QUIET))
+        listening = Trainer(
+            load_config(EXAMPLES / f"{name}.yaml", [*QUIET, f"train.log_dir={run_dir}"])
+        )
+        listening.live.start()
+        times: tuple[list[float], list[float]] = ([], [])
+        control: list[float] = []
+        try:
+            for i in range(warmup + steps):
+                pairs = list(zip((listening, silent), times))
+                for trainer, kept in pairs if i % 2 else pairs[::-1]:  # neither always first
+                    start = time.perf_counter()
+                    trainer.train_step()
+                    if i >= warmup:
+                        kept.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                listening.live.poll()
+                listening.live.at_boundary(listening.flags.agree().raised)
+                if i >= warmup:
+                    control.append(time.perf_counter() - start)
+        finally:
+            listening.live.close()
+    ratios = [a / b for a, b in zip(*times)]
+    on, off = (statistics.median(t) * 1e3 for t in times)
+    return on, off, statistics.median(ratios), statistics.median(control) * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -203,8 +245,17 @@ def main() -> None:
     )
     parser.add_argument("--features", nargs="*", default=list(FEATURES), help="of FEATURES")
     parser.add_argument("--quick", action="store_true", help="fewer rounds")
+    parser.add_argument("--live", action="store_true", help="the cost of listening for edits")
     args = parser.parse_args()
     steps = 20 if args.quick else 60
+    if args.live:
+        print(f"{'config':<15}{'listening ms':>14}{'silent ms':>11}{'ratio':>8}", end="")
+        print(f"{'control us':>12}{'share':>8}")
+        for name in args.configs:
+            on, off, ratio, us = measure_live(name, steps, warmup=5)
+            print(f"{name:<15}{on:>14.2f}{off:>11.2f}{ratio:>8.3f}{us:>12.1f}", end="")
+            print(f"{us / (off * 1e3):>8.2%}")
+        return
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; {steps} optimizer "
         "steps per config, job and bare interleaved step by step; medians"

@@ -1,4 +1,4 @@
-"""``schedany`` command line: train, preview, tune, validate.
+"""``schedany`` command line: train, preview, tune, validate, control.
 
 A thin layer over the library: every command loads its config with
 :func:`schedany.config.load_config` and hands it to a library function. Exit codes:
@@ -59,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="run the reference training job (distributed under torchrun)")
     p.add_argument("config", metavar="CONFIG", help="train config (YAML)")
+    p.add_argument(
+        "--from",
+        dest="from_checkpoint",
+        metavar="CHECKPOINT",
+        help="start from another run's checkpoint (a step_N folder, or a checkpoint "
+        "folder: its newest): model, optimizer state, data position and clock from it, "
+        "schedules from CONFIG at its clock",
+    )
     overrides(p)
     p.set_defaults(func=_train)
 
@@ -92,6 +100,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_tune)
 
+    p = sub.add_parser("control", help="steer a running job: status, set, cooldown, stop")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run's train.log_dir")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = actions.add_parser(
+        "status", help="step, clock, scheduled values, pending and applied edits"
+    )
+    a.add_argument("--json", action="store_true", help="print one JSON object")
+    a = actions.add_parser("set", help="change schedules.* or the train budget, like --set")
+    a.add_argument("sets", nargs="+", metavar="PATH=VALUE")
+    a = actions.add_parser("cooldown", help="take a scheduled key to a value over N units")
+    a.add_argument("target", metavar="TARGET", help="a scheduled key (lr, weight_decay, ...)")
+    a.add_argument(
+        "--over",
+        type=_positive_int,
+        required=True,
+        metavar="N",
+        help="units of the key's schedule (its unit: steps, samples or tokens)",
+    )
+    a.add_argument(
+        "--to",
+        type=float,
+        metavar="V",
+        help="the value to end at (default: the schedule's anneal_to_value)",
+    )
+    a.add_argument("--shape", choices=("linear", "cosine", "sqrt"), default="linear")
+    actions.add_parser("stop", help="checkpoint, then exit 0 (the same train command resumes)")
+    p.set_defaults(func=_control)
+
     p = sub.add_parser("validate", help="check a config and print the resolved schedule")
     p.add_argument("config", metavar="CONFIG", help="train config (YAML)")
     p.add_argument("--yaml", action="store_true", help="also print the whole resolved config")
@@ -108,12 +144,46 @@ def _train(args: argparse.Namespace) -> int:
     from .job.trainer import train
 
     try:
-        result = train(config)
+        result = train(config, from_checkpoint=args.from_checkpoint)
     except CheckpointError as exc:
         _error("train", str(exc))
         return EXIT_FAILED
-    if result.eval_loss is not None and _is_rank0():
+    if result.stopped and _is_rank0():
+        print(f"stopped at step {result.step}; the same command resumes", flush=True)
+    elif result.eval_loss is not None and _is_rank0():
         print(f"done: {result.step} steps, eval/loss {result.eval_loss:.4f}", flush=True)
+    return EXIT_OK
+
+
+def _control(args: argparse.Namespace) -> int:
+    import json
+
+    from .job import control
+
+    if args.action == "status":
+        info = control.status(args.run_dir)
+        if args.json:
+            print(json.dumps(info))
+        else:
+            print("\n".join(control.format_status(info)))
+        if not info["listening"]:
+            _error("control", info["why_not"])
+            return EXIT_FAILED
+        return EXIT_OK
+    request = control.make_request(
+        args.action,
+        sets=getattr(args, "sets", ()),
+        target=getattr(args, "target", None),
+        over=getattr(args, "over", None),
+        to=getattr(args, "to", None),
+        shape=getattr(args, "shape", "linear"),
+    )
+    try:
+        name = control.control_command(args.run_dir, request)
+    except control.NotListening as exc:
+        _error("control", str(exc))
+        return EXIT_FAILED
+    print(f"queued {name}: {request.command}; the run applies it after its next optimizer step")
     return EXIT_OK
 
 

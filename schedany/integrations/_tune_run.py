@@ -3,8 +3,9 @@
 from them (docs/tuning.md, "What a trial does" and "Your own training function").
 
 After a PBT exploit both restores load the donor's checkpoint through
-:func:`~schedany.integrations._tune_space.rebuild_at_step`. Ray is imported inside the
-functions.
+:func:`~schedany.job.rebuild.rebuild_at_step` (the reference job's through
+:func:`~schedany.job.rebuild.rebuild_run`, as ``schedany train --from`` does). Ray is
+imported inside the functions.
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ from typing import Any
 from torch import nn
 from torch.optim import Optimizer
 
-from .._clock import UNITS, Clock
+from .._clock import UNITS
 from .._record import StepRecord, schedule_tags
 from .._synchronous import SynchronousSchedule
 from ..config import TrainConfig, TrainSection
-from ..job.build import build_controller, build_guard, build_run
 from ..job.distributed import is_rank0
+from ..job.rebuild import rebuild_at_step
 from ..job.trainer import Report, Trainer, TrainResult, train
-from ._tune_space import rebuild_at_step, resolve_trial_config
+from ._tune_space import resolve_trial_config
 
 VALUES_FILE = "trial_values.json"
 """Written into every Tune checkpoint of :func:`run_trial`: the trial's sampled values,
@@ -110,11 +111,11 @@ def write_trial_hparams(config: TrainConfig, values: Mapping[str, Any], metric: 
 
 
 class TuneTrainer(Trainer):
-    """The reference :class:`~schedany.job.trainer.Trainer`, whose restore goes through
-    :func:`~schedany.integrations._tune_space.rebuild_at_step` when ``rebuild_schedule``
-    is set (the trial's values changed since the checkpoint: a PBT exploit).
-    ``on_checkpoint`` runs on every rank right after each checkpoint (multi-worker
-    trials report there)."""
+    """The reference :class:`~schedany.job.trainer.Trainer`, restoring through
+    :func:`~schedany.job.rebuild.rebuild_run` when ``rebuild_schedule`` is set (the
+    trial's values changed since the checkpoint: a PBT exploit), the mechanism of
+    ``schedany train --from``. ``on_checkpoint`` runs on every rank right after each
+    checkpoint (multi-worker trials report there)."""
 
     def __init__(
         self,
@@ -123,37 +124,13 @@ class TuneTrainer(Trainer):
         report: Report | None,
         rebuild_schedule: bool,
         on_checkpoint: Callable[[str], None] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(config, report=report)
-        self.rebuild_schedule = rebuild_schedule
+        super().__init__(config, report=report, **kwargs)
+        # The donor's model, optimizer state, data position and clock; this config's
+        # schedules at that clock.
+        self.rebuild_on_resume = rebuild_schedule
         self.on_checkpoint = on_checkpoint
-
-    def resume(self) -> str | None:
-        path = super().resume()
-        if path is None or not self.rebuild_schedule:
-            return path
-        # super() loaded the donor's state into the objects built from this config;
-        # keep the model, data position and RNG, and rebuild the rest from this config.
-        clock = Clock()  # at the restored reading: the rebuilt schedule catches up to it
-        clock.load_state_dict(self.clock.state_dict())
-        optimizer, schedule = build_run(self.config, self.model, clock=clock)
-        controller = build_controller(self.config, self.model, optimizer)
-        saved = None if self.controller is None else self.controller.state_dict()
-        rebuild_at_step(
-            optimizer,
-            schedule,
-            self.optimizer.state_dict(),
-            self.step,
-            controller=controller,
-            controller_state=saved,
-        )
-        self.optimizer, self.schedule, self.controller = optimizer, schedule, controller
-        guard = build_guard(self.config, self.model, optimizer)  # reads the new optimizer
-        if guard is not None and self.guard is not None:
-            guard.load_state_dict(self.guard.state_dict())
-        self.guard = guard
-        self.clock = clock
-        return path
 
     def save_checkpoint(self) -> str:
         path = super().save_checkpoint()

@@ -1,8 +1,8 @@
 """The search space of a sweep (docs/tuning.md, "The sweep file"): its distributions,
-one point of it written into a train config, and PBT's two moves between points —
-:class:`LegalExplore` picks a legal explored config, :func:`rebuild_at_step` restores a
-donor's checkpoint into it (the one place that does, for the reference job's trials
-and for :func:`~schedany.integrations.ray_tune.restore`).
+one point of it written into a train config, and PBT's explore step,
+:class:`LegalExplore`, which picks a legal explored config. A donor's checkpoint is
+restored into it by :func:`~schedany.job.rebuild.rebuild_at_step` (re-exported here), the
+mechanism that ``schedany train --from`` and live edits use too.
 
 A ``search`` block maps a dotted config path to one distribution::
 
@@ -18,20 +18,15 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from torch.optim import Optimizer
-
-from .._synchronous import SynchronousSchedule
 from ..config import ConfigError, TrainConfig, parse_config
 from ..errors import is_integer, is_real
+from ..job.rebuild import advance, rebuild_at_step  # noqa: F401 - PBT's restore, re-exported
 
 logger = logging.getLogger(__name__)
-
-_ORDER_WARNING = r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`"
 
 Kind = Literal["uniform", "loguniform", "randint", "choice", "grid"]
 KINDS: tuple[str, ...] = get_args(Kind)
@@ -261,61 +256,3 @@ class LegalExplore:
                 out[w_path] = total
             else:
                 out[m_path] = warmup
-
-
-# --- PBT's restore into an explored config ------------------------------------------
-
-
-def advance(schedule: SynchronousSchedule, steps: int) -> None:
-    """Step ``schedule`` ``steps`` times without training (replaying its curve).
-
-    Replaying, rather than jumping, works for every torch scheduler, including the
-    chainable ones (StepLR, ExponentialLR) whose value depends on the previous one. A
-    schedule with a clock follows the clock instead: set to the restored reading, one
-    ``step()`` brings every member there (docs/clock.md).
-    """
-    if steps < 0:
-        raise ValueError(f"advance: steps must be >= 0, got {steps}")
-    with warnings.catch_warnings():
-        # No optimizer step happens here on purpose: the schedule is only positioned.
-        warnings.filterwarnings("ignore", message=_ORDER_WARNING, category=UserWarning)
-        if schedule.clock is not None:
-            schedule.step()
-            schedule.last_epoch = steps
-            return
-        for _ in range(steps):
-            schedule.step()
-
-
-def rebuild_at_step(
-    optimizer: Optimizer,
-    schedule: SynchronousSchedule,
-    optimizer_state: Mapping[str, Any],
-    step: int,
-    *,
-    controller: Any = None,
-    controller_state: Mapping[str, Any] | None = None,
-) -> None:
-    """Load a checkpoint's optimizer (and controller) state into an optimizer and
-    schedule (and controller) freshly built from the trial's current config, with the
-    schedule positioned at ``step``.
-
-    Loading the donor's schedule state would bring back the donor's curve and its
-    values in the optimizer. So only the optimizer's *state* (moments, step counts)
-    comes from the checkpoint: afterwards every param group holds the current config's
-    hyperparameters, the scheduled ones at their value for ``step``. The sweep file
-    allows PBT to mutate only what this keeps consistent (``PBT_MUTABLE_BLOCKS`` of
-    ``_sweep``).
-    """
-    if schedule.last_epoch != 0:
-        raise ValueError(
-            f"rebuild_at_step needs a schedule fresh from its config (last_epoch 0), "
-            f"got last_epoch {schedule.last_epoch}"
-        )
-    advance(schedule, step)
-    fresh = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    optimizer.load_state_dict(dict(optimizer_state))
-    for group, values in zip(optimizer.param_groups, fresh):
-        group.update(values)
-    if controller is not None and controller_state is not None:
-        controller.load_state_dict(controller_state)

@@ -5,7 +5,9 @@ Tags (docs/inspecting_schedules.md; the core names them, this module only writes
 - ``schedule/<key>/<group>`` for every name in ``schedule.schedule_names`` and every
   param group; ``<group>`` is the group's ``name`` entry if it has one, else ``pg<i>``.
 - ``control/<metric>`` for every entry of ``controller.metrics()``.
-- any scalar the caller passes, under its own tag (``train/loss``).
+- any scalar the caller passes, under its own tag (``train/loss``);
+- text under a tag of the caller's (:meth:`ScheduleLogger.log_text`; the job's
+  ``control/edits``).
 
 Cost: with ``log_dir``, the values of one :meth:`ScheduleLogger.log` call go into a
 single event record (one ``Summary`` with many values), written synchronously by
@@ -231,6 +233,15 @@ class ScheduleLogger:
             for tag, value in scalars.items():
                 self._writer.add_scalar(tag, float(value), step, walltime=walltime)
 
+    def log_text(self, step: int, tag: str, text: str) -> None:
+        """Write ``text`` (markdown) under ``tag`` at ``step`` (TensorBoard's Text tab).
+        The reference job writes each live edit as ``control/edits``. A ``writer`` passed
+        in gets ``add_text``, which files it as ``<tag>/text_summary``."""
+        if self._file is not None:
+            self._file.write_text(step, tag, text, time.time())
+        elif self._writer is not None:
+            self._writer.add_text(tag, text, step)
+
     def flush(self) -> None:
         if self._file is not None:
             self._file.flush()
@@ -332,6 +343,16 @@ class _EventFile:
         event.step = step
         event.wall_time = walltime
         self._write(event)
+
+    def write_text(self, step: int, tag: str, text: str, walltime: float) -> None:
+        """One event holding ``text``: the summary tensorboardX's ``add_text`` builds."""
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import text as text_summary
+
+        summary = text_summary(tag, text)
+        summary.value[0].tag = tag  # not add_text's `<tag>/text_summary`: the tag asked for
+        self._write(Event(summary=summary, step=step, wall_time=walltime))
+        self.flush()  # rare, and worth seeing at once
 
     def _write(self, event: Any) -> None:
         self._records.write(event.SerializeToString())

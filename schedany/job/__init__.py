@@ -7,7 +7,10 @@
   config.
 
 Building blocks live in :mod:`schedany.job.model`, :mod:`schedany.job.data`,
-:mod:`schedany.job.checkpoint` and :mod:`schedany.job.distributed`.
+:mod:`schedany.job.checkpoint` and :mod:`schedany.job.distributed`; live control
+(``schedany control``, docs/live_control.md) in :mod:`schedany.job.live` (the job's side),
+:mod:`schedany.job.control` (the client) and :mod:`schedany.job.edits`, on the rebuild of
+:mod:`schedany.job.rebuild` that ``--from`` and PBT's restore use too.
 """
 
 from .build import build_controller, build_model, build_run

@@ -22,18 +22,19 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import yaml
 
 from .._clock import Clock
 from .._record import StepRecord, schedule_tags
-from ..config import ConfigError, TrainConfig, config_to_dict
+from ..config import ConfigError, TrainConfig
 from . import checkpoint as ckpt
 from ._faults import maybe_inject_fault
 from ._losses import TrainLoss, evaluate
+from ._resume import resume
 from ._step_flags import StepFlags
 from .build import build_controller, build_guard, build_model, build_run
 from .data import MicroBatchSampler, eval_batches, load_corpus
 from .distributed import init_distributed, is_rank0, teardown, wrap_model
+from .live import LiveControl
 from .model import loss as lm_loss
 
 __all__ = [
@@ -69,15 +70,27 @@ class TrainResult:
     """The checkpoint step the run resumed from, or None for a fresh start."""
     checkpoint: str | None
     """The last checkpoint written or loaded, or None."""
+    stopped: bool = False
+    """True when ``schedany control RUN_DIR stop`` ended the run (docs/live_control.md)."""
 
 
 class Trainer:
     """The job's state and loop. :func:`train` is the usual way in; the pieces are
     public so the overhead benchmark can time :meth:`train_step` alone."""
 
-    def __init__(self, config: TrainConfig, *, report: Report | None = None) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        report: Report | None = None,
+        from_checkpoint: str | None = None,
+    ) -> None:
         self.config = config
         self.report = report
+        self.from_checkpoint = from_checkpoint
+        """``--from``: start from this checkpoint when the run has none of its own."""
+        self.rebuild_on_resume = False
+        """Build the schedules from this config at the resumed clock (PBT's exploit)."""
         train_cfg = config.train
         if (
             train_cfg.device
@@ -102,6 +115,7 @@ class Trainer:
         self.optimizer, self.schedule = build_run(config, self.model, clock=self.clock)
         self.controller = build_controller(config, self.model, self.optimizer)
         self.guard = build_guard(config, self.model, self.optimizer)
+        self.live = LiveControl(self)
         self.per_token = config.control.kind != "none" and config.control.items == "tokens"
         # Requests that act at one optimizer step on every rank (see _step_flags).
         self.flags = StepFlags("preempt", "edits", device=self.device)
@@ -175,9 +189,11 @@ class Trainer:
         control = None if ctl is None else ctl.metrics()
         dropped = control is not None and control["dropped_batches"] != dropped_before
         skipped = guard is not None and guard.metrics()["skipped_steps"] != skipped_before
+        self.live.poll()  # rank 0: is an edit queued? (a listdir, no collective)
         self.clock.advance(*self._agree(samples, tokens, control, dropped or skipped))
         record = StepRecord.read(self.schedule, ctl, control, guard)  # what this step used
         self.schedule.step()
+        self.live.at_boundary(self.agreed)  # edits apply here, on every rank alike
         return record, micro_steps
 
     def _agree(
@@ -211,6 +227,7 @@ class Trainer:
             "controller": None if self.controller is None else self.controller.state_dict(),
             "guard": None if self.guard is None else self.guard.state_dict(),
             "data": self.sampler.state_dict(),
+            "edits": self.live.applied,
         }
 
     def save_checkpoint(self) -> str:
@@ -223,49 +240,17 @@ class Trainer:
             self.model,
             self.optimizer,
             self._plain_state(),
-            rank_state={"rng": ckpt.capture_rng_state()},
+            # each rank's own record of the edits it applied (rank 0's is in the state)
+            rank_state={"rng": ckpt.capture_rng_state(), "edits": self.live.applied},
             keep_last=self.config.train.keep_checkpoints,
         )
         return str(ref.path)
 
     def resume(self) -> str | None:
-        """Load the newest valid checkpoint of ``train.checkpoint_dir``, if there is one.
-
-        Newer corrupt or truncated ones are skipped with a warning; if checkpoints exist
-        but none is valid, :class:`~schedany.job.checkpoint.CheckpointError` is raised
-        rather than silently starting over.
-        """
-        directory = self.config.train.checkpoint_dir
-        if directory is None:
-            return None
-        ref = ckpt.latest_valid_checkpoint(directory)
-        if ref is None:
-            found = ckpt.list_checkpoints(directory)
-            if found:
-                raise ckpt.CheckpointError(
-                    f"{directory}: holds {len(found)} checkpoint(s) (newest: {found[0].path}) "
-                    "but none is valid; move them away to start over"
-                )
-            return None
-        try:
-            state, own = ckpt.load_checkpoint(ref, self.model, self.optimizer)
-            # The optimizer now holds every saved key (extended ones included); the
-            # schedule then rewrites each scheduled key to its saved value.
-            self.schedule.load_state_dict(state["schedule"])
-            _load_part(self.controller, state["controller"], "control.kind")
-            _load_part(self.guard, state.get("guard"), "guard block")
-            self.sampler.load_state_dict(state["data"])
-        except ckpt.CheckpointError:
-            raise
-        except (KeyError, ValueError, RuntimeError, TypeError) as exc:
-            raise ckpt.CheckpointError(
-                f"checkpoint {ref.path} does not fit this config ({exc}); resume with the "
-                "config that wrote it, or give train.checkpoint_dir a fresh folder"
-            ) from exc
-        if own is not None:
-            ckpt.restore_rng_state(own["rng"])
-        self.step = int(state["step"])
-        return str(ref.path)
+        """Load the newest valid checkpoint of ``train.checkpoint_dir``, else
+        ``from_checkpoint``'s (see :mod:`schedany.job._resume`); returns its path or None.
+        Checkpoints that exist but none valid: :class:`~schedany.job.checkpoint.CheckpointError`."""
+        return resume(self)
 
     # --- the whole run ----------------------------------------------------------------
 
@@ -284,9 +269,6 @@ class Trainer:
         if rank0 and cfg.log_dir is not None:
             log_dir = Path(cfg.log_dir)
             metrics_file = MetricsFile(log_dir / "metrics.jsonl", resumed_from)
-            (log_dir / "config.yaml").write_text(
-                yaml.safe_dump(config_to_dict(self.config), sort_keys=False)
-            )
             from ..integrations.tensorboard import ScheduleLogger
 
             logger = ScheduleLogger(
@@ -297,6 +279,7 @@ class Trainer:
         train_loss = eval_loss = None
         last_checkpoint = resumed
         try:
+            self.live.start(logger)  # config.yaml, edits.jsonl; `schedany control` may talk
             if resumed_from is None:
                 eval_loss = self.evaluate()
                 console.print(f"step 0/{total or '?'}  eval/loss {eval_loss:.4f}")
@@ -307,8 +290,11 @@ class Trainer:
             while self.clock.read(unit) < budget:
                 before = self.clock.read(cfg.axis)
                 record, micro_steps = self.train_step()
+                if self.live.changed:  # a live edit: the budget or the keys may differ
+                    tags, (unit, budget) = schedule_tags(self.schedule), self.config.train.budget()
                 step, x = self.step, self.clock.read(cfg.axis)
                 last = self.clock.read(unit) >= budget
+                stop = self.live.stop_requested
 
                 losses: dict[str, float] = {}
                 if last or _crossed(before, x, cfg.log_every):
@@ -329,7 +315,7 @@ class Trainer:
                     console.log(step, headline)
                 saved = None
                 if cfg.checkpoint_dir is not None and (
-                    last or _crossed(before, x, cfg.checkpoint_every)
+                    last or stop or _crossed(before, x, cfg.checkpoint_every)
                 ):
                     if metrics_file is not None:
                         metrics_file.flush()
@@ -339,15 +325,19 @@ class Trainer:
                 if losses and self.report is not None and rank0:
                     self.report({"global_step": float(step), **scalars}, saved)
                 maybe_inject_fault(step, self.env.rank, cfg.checkpoint_dir)
-            if eval_loss is None:
+                if stop:
+                    break
+            if eval_loss is None and not self.live.stop_requested:
                 eval_loss = self.evaluate()
         finally:
+            self.live.close()
             console.close()
             if metrics_file is not None:
                 metrics_file.close()
             if logger is not None:
                 logger.close()
-        return TrainResult(self.step, train_loss, eval_loss, resumed_from, last_checkpoint)
+        stopped = self.live.stop_requested
+        return TrainResult(self.step, train_loss, eval_loss, resumed_from, last_checkpoint, stopped)
 
 
 def _stop_if_diverged(lost: float, what: str, step: int) -> None:
@@ -355,14 +345,6 @@ def _stop_if_diverged(lost: float, what: str, step: int) -> None:
         raise FloatingPointError(
             f"{int(lost)} {what} at optimizer step {step + 1}; training diverged"
         )
-
-
-def _load_part(part: Any, state: dict[str, Any] | None, what: str) -> None:
-    """Restore the controller or the guard; the checkpoint must have one iff we do."""
-    if (part is None) != (state is None):
-        raise ValueError(f"it was saved with a different {what}")
-    if part is not None:
-        part.load_state_dict(state)
 
 
 def _crossed(before: int, now: int, every: int) -> bool:
@@ -376,6 +358,7 @@ def train(
     *,
     report: Report | None = None,
     trainer_cls: Callable[..., Trainer] | None = None,
+    from_checkpoint: str | None = None,
 ) -> TrainResult:
     """Run the reference job described by ``config`` (see :class:`Trainer`).
 
@@ -384,6 +367,8 @@ def train(
     from ``train.checkpoint_dir`` when it holds a checkpoint; ``report`` is called on
     rank 0 every ``train.log_every`` steps (see :data:`Report`). ``trainer_cls`` builds
     a :class:`Trainer` subclass instead (the Ray Tune adapter's restores differently).
+    ``from_checkpoint`` starts a run without a checkpoint of its own from another run's
+    (``schedany train CONFIG --from CHECKPOINT``, docs/live_control.md).
 
     Raises:
         ConfigError: what the config cannot be checked for before a run starts (data
@@ -392,7 +377,8 @@ def train(
     """
     owns_group = not dist.is_initialized()
     try:
-        return (trainer_cls or Trainer)(config, report=report).run()
+        trainer = (trainer_cls or Trainer)(config, report=report, from_checkpoint=from_checkpoint)
+        return trainer.run()
     finally:
         if owns_group:
             teardown()
