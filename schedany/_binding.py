@@ -6,6 +6,11 @@ whose groups are small views: ``"lr"`` reads and writes the target in the real
 group, every other key lives in the view's private dict. So the user's
 param_groups only ever see the scheduled value, and two schedules (or a raw
 torch scheduler on ``lr``) never see each other's bookkeeping.
+
+A bare bound scheduler writes through its views, one Python call per write. Inside a
+:class:`~schedany.SynchronousSchedule` the views are plain dicts, written at C speed,
+and the coordinator copies them to the real groups in one pass after the member's
+step (:meth:`BoundOptimizer.defer_writes`, :meth:`BoundOptimizer.flush`).
 """
 
 from __future__ import annotations
@@ -18,27 +23,30 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from ._clock import Unit, check_unit
-from ._optimizer_utils import extend_optimizer
+from ._optimizer_utils import add_key
 from ._rollback import unchanged_on_error
 from ._targets import Target, parse_target
 from .errors import TargetValueError, check_integer
 
 
 class _GroupView(dict):
-    """One param group as a scheduler sees it: ``"lr"`` is the target.
+    """One param group as a bare scheduler sees it: ``"lr"`` is the target.
 
     The dict holds the scheduler's bookkeeping and a copy of the target's value
     under ``"lr"``. Reads are plain dict reads (torch makes three per group per
     step); :attr:`BoundOptimizer.param_groups` refreshes the copy when the real
     value may have changed, and writes go through to the real group. The real
     group is looked up by index: ``optimizer.load_state_dict`` replaces the group
-    dicts, and the view must follow.
+    dicts, and the view must follow. It is never pickled: the proxy pickles its
+    views as plain dicts and builds them again.
     """
 
     __slots__ = ("_owner", "_index", "_key")
 
-    def __init__(self, owner: Optimizer, index: int, target: Target) -> None:
-        super().__init__()
+    def __init__(
+        self, owner: Optimizer, index: int, target: Target, contents: dict[str, Any]
+    ) -> None:
+        super().__init__(contents)  # dict's own init: no write-through
         self._owner = owner
         self._index = index
         self._key = target.key
@@ -59,8 +67,10 @@ class _ElementView(_GroupView):
 
     __slots__ = ("_target",)
 
-    def __init__(self, owner: Optimizer, index: int, target: Target) -> None:
-        super().__init__(owner, index, target)
+    def __init__(
+        self, owner: Optimizer, index: int, target: Target, contents: dict[str, Any]
+    ) -> None:
+        super().__init__(owner, index, target, contents)
         self._target = target
 
     def __setitem__(self, key: str, value: Any) -> None:
@@ -86,13 +96,42 @@ class _EmptyDefaults(dict):
         return super().__contains__(key)
 
 
+class _CheckedViews:
+    """``BoundOptimizer.param_groups`` while the scheduler is bare: the views, checked
+    against the real groups and refreshed if stale on every access (torch makes two or
+    three per step), so that the next ``step()`` after ``optimizer.add_param_group()``
+    raises instead of leaving the new group alone.
+
+    A non-data descriptor, on purpose: once a coordinator takes the proxy over
+    (:meth:`BoundOptimizer.defer_writes`), the plain list it puts in the instance dict
+    hides this descriptor, the scheduler reads it at attribute speed, and the
+    coordinator checks and refreshes once per step instead.
+    """
+
+    def __get__(self, proxy: BoundOptimizer | None, owner: type | None = None) -> Any:
+        if proxy is None:
+            return self
+        views = proxy._views
+        if len(proxy.optimizer.param_groups) != len(views):
+            proxy.check_groups()
+        if proxy.stale:
+            proxy.refresh()
+        return views
+
+
 class BoundOptimizer(Optimizer):
     """The proxy a bound scheduler holds as ``scheduler.optimizer``.
 
     It owns no parameters: ``Optimizer.__init__`` is deliberately not called.
     ``defaults`` holds nothing, so OneCycleLR / CyclicLR find no momentum to cycle;
     it records that they looked (see :class:`_EmptyDefaults`).
+
+    It pickles and deep-copies with the scheduler that holds it (see
+    :meth:`__getstate__`); copy the optimizer with it, ``copy.deepcopy((optimizer,
+    schedule))``, so that the copy drives the copied optimizer.
     """
+
+    param_groups = _CheckedViews()  # type: ignore[assignment]
 
     def __init__(
         self, optimizer: Optimizer, target: Target, unit: Unit = "steps", every: int = 1
@@ -105,46 +144,85 @@ class BoundOptimizer(Optimizer):
         self.every = every
         self.defaults = _EmptyDefaults()
         self.state: dict[Any, Any] = {}
-        view = _GroupView if target.index is None else _ElementView
-        self._views = [view(optimizer, i, target) for i in range(len(optimizer.param_groups))]
-        # The views' copies of the target are refreshed lazily, on the first
-        # param_groups access after anything that may have changed the real value
-        # from outside this schedule: an optimizer step (other schedules step
-        # after it), optimizer.load_state_dict, or loading schedule state. One
-        # pass per step instead of one per access keeps the proxy cheap.
-        self._stale = True
+        # False: the views write through (a bare scheduler); True: plain dicts that a
+        # coordinator refreshes and flushes around each step (see defer_writes).
+        self._deferred = False
+        self._install_views([{} for _ in optimizer.param_groups])
+        # Where flush_views writes a view's "lr" whole; None for an element target.
+        self._whole_key = target.key if target.index is None else None
+        # The views' copies of the target are refreshed lazily, before the first
+        # step after anything that may have changed the real value from outside this
+        # schedule: an optimizer step (other schedules step after it),
+        # optimizer.load_state_dict, or loading schedule state. One pass per step
+        # instead of one per access keeps the proxy cheap.
+        self.stale = True
         # torch warns "lr_scheduler.step() before optimizer.step()" unless the
         # optimizer it holds has stepped; the real optimizer's steps tell us.
         self._opt_called = False
+        self._hooks = self._register_hooks()
+
+    def _register_hooks(self) -> list[Any]:
+        """Hooks on the real optimizer; they hold this proxy weakly, so a dropped
+        schedule does not live on in the optimizer."""
         this = weakref.ref(self)
-        self._hooks = [
-            optimizer.register_step_post_hook(_flag_setter(this, "_opt_called", "_stale")),
-            optimizer.register_load_state_dict_post_hook(_flag_setter(this, "_stale")),
+        return [
+            self.optimizer.register_step_post_hook(_flag_setter(this, "_opt_called", "stale")),
+            self.optimizer.register_load_state_dict_post_hook(_flag_setter(this, "stale")),
         ]
 
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        """The views, their ``"lr"`` refreshed from the real groups if stale."""
-        views = self._views
-        if not self._stale:
-            return views  # type: ignore[return-value]
-        groups, target = self.optimizer.param_groups, self.target
-        if len(groups) != len(views):
+    def _install_views(self, contents: list[dict[str, Any]]) -> None:
+        """Views holding ``contents``, of the kind the mode needs."""
+        if self._deferred:
+            self._views: list[dict[str, Any]] = [dict(c) for c in contents]
+            self.param_groups = self._views  # hides _CheckedViews (see there)
+        else:
+            view = _GroupView if self.target.index is None else _ElementView
+            self._views = [view(self.optimizer, i, self.target, c) for i, c in enumerate(contents)]
+        # (view, real group) as of now; refresh() renews them, as loading the optimizer
+        # replaces its group dicts. flush_views walks them (a zip per step costs more
+        # than the copy itself at a few groups).
+        self._pairs = list(zip(self._views, self.optimizer.param_groups))
+
+    def check_groups(self) -> None:
+        """Raise if the optimizer's param groups changed since binding."""
+        bound, now = len(self._views), len(self.optimizer.param_groups)
+        if bound != now:
             raise RuntimeError(
-                f"the optimizer had {len(views)} param groups when {target.name!r} was bound "
-                f"and has {len(groups)} now; rebuild the schedule after add_param_group()"
+                f"the optimizer had {bound} param groups when {self.target.name!r} was "
+                f"bound and has {now} now; rebuild the schedule after add_param_group()"
             )
-        set_item = dict.__setitem__
+
+    def refresh(self) -> None:
+        """Copy the target's real values into the views' ``"lr"``, if they may have
+        changed since the last refresh."""
+        if not self.stale:
+            return
+        pairs, target = list(zip(self._views, self.optimizer.param_groups)), self.target
+        set_item = dict.__setitem__  # not the write-through of a bare scheduler's views
         if target.index is None:
             key = target.key
-            for view, group in zip(views, groups):
+            for view, group in pairs:
                 set_item(view, "lr", group[key])
         else:
             key, index = target.key, target.index
-            for view, group in zip(views, groups):
+            for view, group in pairs:
                 set_item(view, "lr", group[key][index])
-        self._stale = False
-        return views  # type: ignore[return-value]
+        self._pairs = pairs
+        self.stale = False
+
+    def defer_writes(self) -> None:
+        """From now on the scheduler writes plain dicts, and the caller brings them up to
+        date before each step (:meth:`check_groups`, :meth:`refresh` when
+        :attr:`stale`) and copies them to the optimizer after it (:func:`flush_views`):
+        one pass over the groups instead of a Python call per access and per write.
+
+        A :class:`~schedany.SynchronousSchedule` calls it for each bound member. A member
+        stepped on its own afterwards writes nothing to the optimizer until its
+        coordinator's next step.
+        """
+        if not self._deferred:
+            self._deferred = True
+            self._install_views(self._views)
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
         # Never called by schedany; torch's schedulers wrap it to track step order.
@@ -168,10 +246,47 @@ class BoundOptimizer(Optimizer):
             dict.clear(view)
             dict.update(view, saved)
             dict.__setitem__(view, "lr", lr)
-        self._stale = True
+        self.stale = True
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything that makes the proxy, for ``copy.deepcopy`` and pickle.
+
+        ``Optimizer.__getstate__`` keeps only defaults, state and param_groups, which
+        here would lose the proxy itself. Left out is what belongs to this very object:
+        the hook handles on the real optimizer (a copied optimizer has none) and torch's
+        wrapper of ``self.step`` (a closure on a weak reference to this proxy; torch
+        looks for it on a scheduler's first ``step()`` only, and a raw torch scheduler's
+        copy goes without it too). The views travel as plain dicts, so unpickling never
+        writes through to a group.
+        """
+        skip = ("_hooks", "step", "param_groups", "_views", "_pairs")
+        state = {k: v for k, v in self.__dict__.items() if k not in skip}
+        state["_views"] = [dict(view) for view in self._views]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Rebuild the views on the (copied) real optimizer and hook into it again."""
+        self.__dict__.update(state)
+        self._install_views(state["_views"])
+        self._hooks = self._register_hooks()
 
     def __repr__(self) -> str:
         return f"BoundOptimizer({self.target.name!r} of {type(self.optimizer).__name__})"
+
+
+def flush_views(proxies: list[BoundOptimizer]) -> None:
+    """Copy each deferred proxy's values (its views' ``"lr"``) to the targets of the real
+    groups: what a coordinator does after its members step (:meth:`BoundOptimizer.
+    defer_writes`). One call for all of them keeps the fixed cost per step low."""
+    for proxy in proxies:
+        key = proxy._whole_key
+        if key is not None:
+            for view, group in proxy._pairs:
+                group[key] = view["lr"]
+        else:
+            target = proxy.target
+            for view, group in proxy._pairs:
+                target.write(group, view["lr"])
 
 
 def _flag_setter(proxy_ref: weakref.ref[BoundOptimizer], *flags: str) -> Callable[..., None]:
@@ -268,7 +383,7 @@ def arbitrary_schedule_factory(
                         f"default_value={default_value!r} cannot create an element target; "
                         f"extend the optimizer with the whole {target.key!r} value first",
                     )
-                extend_optimizer(optimizer, target.key, default_value)
+                add_key(optimizer, target.key, default_value)
             target.validate(optimizer)
             proxy = BoundOptimizer(optimizer, target, unit, every)
             return _build_on(proxy, schedule_factory)
