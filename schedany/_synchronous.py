@@ -9,8 +9,9 @@ from typing import Any
 from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, ReduceLROnPlateau
 
-from ._binding import BoundOptimizer, bound_target, bound_unit, flush_views, real_optimizer
+from ._binding import bound_target, bound_unit, real_optimizer
 from ._clock import Clock
+from ._proxy import BoundOptimizer, flush_views
 from ._rollback import unchanged_on_error
 from ._targets import Target, parse_target
 
