@@ -4,7 +4,10 @@ For K = 3 scheduled keys and G param groups, times one ``step()`` of:
 
 - schedany:  one optimizer, ``SynchronousSchedule`` of three built-in cosine schedules on
   ``lr``, ``weight_decay`` and a custom key;
-- (a) torch: three optimizers, one stock ``LambdaLR`` each on ``lr``, same curve function;
+- (a) torch: three optimizers, one stock ``LambdaLR`` each on ``lr``, same curve function
+  (the baseline of both ratios (a) and (d); goal: <= 1.15x);
+- (d) own:   the user's own ``LambdaLR`` (same curve) bound to the same three keys with
+  ``arbitrary_schedule_factory``, in a ``SynchronousSchedule``;
 - (c) clock: schedany's three schedules counting tokens on a :class:`schedany.Clock`,
   advanced by an irregular token count before every ``step()`` (goal: <= 1.05x schedany);
 - (b) tsa:   ``torch-schedule-anything`` 1.2.3 doing what schedany does (its own cosine
@@ -69,6 +72,26 @@ def build_schedany(groups: int) -> Callable[[], None]:
         ]
     )
     optimizer.step()  # no grads: a no-op that satisfies torch's step-order check
+    return schedule.step
+
+
+def build_own_lambdalr(groups: int) -> Callable[[], None]:
+    curve = warmup_anneal_curve(
+        warmup_to_value=W, anneal_to_value=A, num_warmup_steps=L, num_training_steps=M
+    )
+    optimizer = make_optimizer(groups)
+    schedule = schedany.SynchronousSchedule(
+        [
+            schedany.arbitrary_schedule_factory(
+                optimizer,
+                lambda proxy: LambdaLR(proxy, curve),
+                default_value=default,
+                schedule_target=target,
+            )
+            for target, default in (("lr", None), ("weight_decay", None), ("clip", 1.0))
+        ]
+    )
+    optimizer.step()
     return schedule.step
 
 
@@ -221,6 +244,7 @@ def main() -> None:
     builders: dict[str, Callable[[int], Callable[[], None]]] = {
         "schedany": build_schedany,
         "lambdalr": build_lambdalr,
+        "own": build_own_lambdalr,
         "clock": build_clock,
     }
     tsa, tsa_note = load_tsa(install=not args.no_install)
@@ -234,6 +258,7 @@ def main() -> None:
     print(f"(b) baseline: {tsa_note}" if tsa else f"(b) column skipped: {tsa_note}")
     header = (
         f"{'G':>5} | {'schedany':>10} | {'3x LambdaLR':>11} | {'(a) ratio':>9} | "
+        f"{'own LambdaLR':>12} | {'(d) ratio':>9} | "
         f"{'tsa 1.2.3':>10} | {'(b) ratio':>9} | {'with clock':>10} | {'(c) ratio':>9} | "
         f"{'us per group*key':>16}"
     )
@@ -252,6 +277,7 @@ def main() -> None:
         )
         print(
             f"{groups:>5} | {ours * 1e3:8.3f}ms | {stock * 1e3:9.3f}ms | {ours / stock:9.3f} | "
+            f"{t['own'] * 1e3:10.3f}ms | {t['own'] / stock:9.3f} | "
             f"{tsa_cells} | {t['clock'] * 1e3:8.3f}ms | {t['clock'] / ours:9.3f} | "
             f"{per_unit:16.3f}",
             flush=True,

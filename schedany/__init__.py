@@ -3,8 +3,8 @@
 The package reads as a map of the problem:
 
 - :mod:`schedany.curves` — pure ``step -> multiplier`` curves (no torch).
-- ``_targets`` / ``_binding`` — where a schedule writes, and the proxy that lets a
-  stock scheduler write there.
+- ``_targets`` / ``_proxy`` / ``_binding`` — where a schedule writes, and the proxy
+  that lets a stock scheduler write there.
 - ``_synchronous`` — the coordinator that steps several schedules as one.
 - ``_clock`` — the training clock (steps, samples, tokens) schedules may count.
 - ``_builtins`` — the fourteen built-in schedules (curve + LambdaLR + bind).

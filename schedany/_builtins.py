@@ -9,6 +9,7 @@ The curve is built first, so a bad argument raises before the optimizer is touch
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from torch.optim import Optimizer
@@ -28,9 +29,12 @@ def bind_curve(
     unit: Unit = "steps",
 ) -> LambdaLR:
     """A ``LambdaLR`` running ``curve`` on ``schedule_target``; ``t`` counts ``unit``."""
+    # With one group there is no evaluation to share, and the cache would only cost.
+    one_group = isinstance(optimizer, Optimizer) and len(optimizer.param_groups) == 1
+    lam = curve if one_group else _once_per_step(curve)
     return arbitrary_schedule_factory(  # type: ignore[return-value]
         optimizer,
-        lambda proxy: LambdaLR(proxy, _once_per_step(curve)),
+        lambda proxy: LambdaLR(proxy, lam),
         default_value,
         schedule_target,
         unit,
@@ -39,18 +43,19 @@ def bind_curve(
 
 def _once_per_step(curve: Curve) -> Curve:
     """LambdaLR calls its lambda once per param group with the same ``t``; a pure
-    curve need only be evaluated once per step."""
-    last_t: int | None = None
-    last_value = 0.0
+    curve need only be evaluated once per step.
 
-    def cached(t: int) -> float:
-        nonlocal last_t, last_value
-        if t != last_t:
-            last_value = curve(t)
-            last_t = t
-        return last_value
+    A partial, not a closure, so that the schedule pickles and deep-copies (each copy
+    with its own cache). ``LambdaLR.state_dict`` saves the partial's ``__dict__``, which
+    stays empty: the curve and the cache are its arguments, never state."""
+    return partial(_evaluate_once_per_step, curve, [None, 0.0])
 
-    return cached
+
+def _evaluate_once_per_step(curve: Curve, last: list[Any], t: int) -> float:
+    """``curve(t)``, remembered in ``last = [t, value]`` until ``t`` changes."""
+    if last[0] != t:
+        last[0], last[1] = t, curve(t)
+    return last[1]
 
 
 def cosine_annealing_with_warmup(

@@ -7,8 +7,10 @@ from typing import Any
 from torch.nn import Parameter
 from torch.optim import Optimizer
 
-from ._targets import did_you_mean, parse_target
-from .errors import TargetKeyError
+from ._targets import did_you_mean, is_numeric, parse_target
+from .errors import ArgumentTypeError, TargetKeyError
+
+_DEFAULT_VALUE = "a real number or a non-empty tuple/list of real numbers"
 
 
 def extend_optimizer(
@@ -17,8 +19,11 @@ def extend_optimizer(
     """Add the hyperparameter ``name`` to every param group (and to ``defaults``,
     so groups added later get it too).
 
-    Groups that already hold ``name`` keep their value unless ``overwrite_values``.
-    Returns the optimizer, so calls can be chained.
+    ``default_value`` is a real number (a one-element tensor too), or a tuple/list of
+    them: a whole tuple key, so that ``"name[i]"`` can be scheduled. Anything else is an
+    :class:`~schedany.errors.ArgumentTypeError` (a ``TypeError``), with the optimizer
+    unchanged. Groups that already hold ``name`` keep their value unless
+    ``overwrite_values``. Returns the optimizer, so calls can be chained.
 
     >>> import torch
     >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
@@ -39,12 +44,32 @@ def extend_optimizer(
             "extend_optimizer: name='params' is the optimizer's parameter list and cannot be "
             "extended"
         )
+    if not _is_default_value(default_value):
+        raise ArgumentTypeError(
+            "extend_optimizer",
+            "default_value",
+            default_value,
+            f"{_DEFAULT_VALUE} (the value of key {name!r})",
+        )
+    add_key(optimizer, name, default_value, overwrite_values)
+    return optimizer
+
+
+def _is_default_value(value: Any) -> bool:
+    if isinstance(value, (tuple, list)):
+        return bool(value) and all(is_numeric(v) for v in value)
+    return is_numeric(value)
+
+
+def add_key(optimizer: Optimizer, name: str, value: Any, overwrite_values: bool = False) -> None:
+    """What :func:`extend_optimizer` does once its arguments are checked.
+    :func:`~schedany.arbitrary_schedule_factory` calls it directly: its target's own
+    check (a real scalar there) names the target in the message."""
     for group in optimizer.param_groups:
         if overwrite_values or name not in group:
-            group[name] = default_value
+            group[name] = value
     if overwrite_values or name not in optimizer.defaults:
-        optimizer.defaults[name] = default_value
-    return optimizer
+        optimizer.defaults[name] = value
 
 
 def get_param_groups_regrouped_by_key(

@@ -9,8 +9,9 @@ from typing import Any
 from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, ReduceLROnPlateau
 
-from ._binding import BoundOptimizer, bound_target, bound_unit, real_optimizer
+from ._binding import bound_target, bound_unit, real_optimizer
 from ._clock import Clock
+from ._proxy import BoundOptimizer, flush_views
 from ._rollback import unchanged_on_error
 from ._targets import Target, parse_target
 
@@ -22,20 +23,15 @@ def _as_float(value: Any) -> float:
 
 
 def _catch_up(
-    name: str, schedule: LRScheduler, reading: int, unit: str, every: int, closed_form: bool
+    name: str, schedule: LRScheduler, behind: int, reading: int, unit: str, every: int
 ) -> None:
-    """Bring ``schedule`` to ``reading // every`` steps in all."""
-    behind = reading // every - schedule.last_epoch
+    """``behind`` steps of a scheduler that is not a closed form; an error if negative.
+    (:meth:`SynchronousSchedule.step` takes the common cases itself.)"""
     if behind < 0:
         raise ValueError(
             f"schedule {name!r} has taken {schedule.last_epoch} steps of {every} {unit}, "
             f"but the clock reads {reading} {unit}: the clock went backwards"
         )
-    if behind > 1 and closed_form:
-        # A LambdaLR is a closed form of last_epoch: jump there in one step (a token
-        # unit may advance by thousands per optimizer step).
-        schedule.last_epoch += behind - 1
-        behind = 1
     for _ in range(behind):
         schedule.step()
 
@@ -119,6 +115,7 @@ class SynchronousSchedule(LRScheduler):
         self.optimizer = optimizer
         self._schedules = members
         self._targets = targets
+        self._num_groups = len(optimizer.param_groups)
         self._plateau = [s for s in members.values() if isinstance(s, ReduceLROnPlateau)]
         # (name, member, unit, every, closed form?) of the members that step without a
         # metric, fixed at build time so step() only reads them.
@@ -127,6 +124,12 @@ class SynchronousSchedule(LRScheduler):
             for name, s in members.items()
             if not isinstance(s, ReduceLROnPlateau)
         ]
+        # The bound members' proxies: from here on the coordinator refreshes their views
+        # before a step and writes their values to the optimizer after it, one pass each
+        # (BoundOptimizer.defer_writes).
+        self._proxies = [s.optimizer for s in members.values() if bound_target(s) is not None]
+        for proxy in self._proxies:
+            proxy.defer_writes()
         self.last_epoch = 0
 
     @property
@@ -142,21 +145,43 @@ class SynchronousSchedule(LRScheduler):
         """Step every member once, or, with a clock, to the clock's reading in its own
         unit. A metric (``step(val_loss)``) goes only to the ReduceLROnPlateau members;
         the others always step without arguments."""
+        if len(self.optimizer.param_groups) != self._num_groups:
+            raise RuntimeError(
+                f"SynchronousSchedule: the optimizer had {self._num_groups} param groups when "
+                f"the schedule was built and has {len(self.optimizer.param_groups)} now; "
+                "rebuild the schedule after add_param_group()"
+            )
         if self._plateau and not (args or kwargs):
             names = [n for n, s in self._schedules.items() if isinstance(s, ReduceLROnPlateau)]
             raise TypeError(
                 f"SynchronousSchedule.step() needs a metric for its ReduceLROnPlateau "
                 f"schedule(s) {names}: call step(metric)"
             )
-        if self.clock is None:
-            for _, schedule, *_ in self._others:
-                schedule.step()
-        else:
-            counts = self.clock.state_dict()
-            for name, schedule, unit, every, closed_form in self._others:
-                _catch_up(name, schedule, counts[unit], unit, every, closed_form)
-        for schedule in self._plateau:
-            schedule.step(*args, **kwargs)
+        proxies = self._proxies
+        for proxy in proxies:
+            if proxy.stale:  # the optimizer stepped or loaded since: re-read the targets
+                proxy.refresh()
+        try:
+            if self.clock is None:
+                for _name, schedule, _unit, _every, _closed_form in self._others:
+                    schedule.step()
+            else:
+                counts = self.clock.state_dict()
+                for name, schedule, unit, every, closed_form in self._others:
+                    behind = counts[unit] // every - schedule.last_epoch
+                    if behind > 1 and closed_form:
+                        # A LambdaLR is a closed form of last_epoch: jump there in one
+                        # step (a token unit may advance by thousands per optimizer step).
+                        schedule.last_epoch += behind - 1
+                        behind = 1
+                    if behind == 1:
+                        schedule.step()
+                    elif behind:
+                        _catch_up(name, schedule, behind, counts[unit], unit, every)
+            for schedule in self._plateau:
+                schedule.step(*args, **kwargs)
+        finally:  # what the members did reaches the optimizer, even if one failed
+            flush_views(proxies)
         self.last_epoch += 1
 
     def get_last_schedule(self, name: str) -> list[float]:

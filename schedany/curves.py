@@ -13,12 +13,16 @@ Notation (shared by every curve; see ``docs/api.md``):
 Every curve is one warmup phase joined to one anneal phase and a clamped tail; the
 formula is written once, in :func:`warmup_anneal_curve` (:func:`warmup_stable_decay` adds a
 stable phase). Each built-in schedule has a curve of the same name and arguments here.
+
+A curve is a :func:`functools.partial` of module-level functions, not a closure, so it
+pickles and deep-copies (and with it a built-in schedule, docs/api.md).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Literal
 
 from .errors import ArgumentValueError, check_integer, check_real
@@ -92,26 +96,27 @@ def warmup_anneal_curve(
     """
     W = check_real(warmup_to_value, "warmup_to_value", func=func)
     L = check_integer(num_warmup_steps, "num_warmup_steps", min=0, func=func)
+    warm: Curve
     if warmup == "normal":
-        warm = _linear_warmup(W, L)
+        warm = partial(_linear_warmup, W, L)
     elif warmup == "inverse":
         R = check_real(warmup_multiplier, "warmup_multiplier", min=1, func=func)
-        warm = _inverse_warmup(W, L, R)
+        warm = partial(_inverse_warmup, W, L, R)
     else:
         raise ArgumentValueError(func, "warmup", warmup, "'normal' or 'inverse'")
     if anneal == "constant":
-        return _then_constant(warm, L, W)
+        return partial(_then_constant, warm, L, W)
 
     A, M = _anneal_end(func, anneal_to_value, num_training_steps, L)
+    shape: Shape
     if anneal == "cosine":
         shape = _cosine_shape
     elif anneal == "polynomial":
-        shape = _polynomial_shape(
-            check_real(polynomial_exponent, "polynomial_exponent", gt=0, func=func)
-        )
+        P = check_real(polynomial_exponent, "polynomial_exponent", gt=0, func=func)
+        shape = partial(_polynomial_shape, P)
     else:
         raise ArgumentValueError(func, "anneal", anneal, "'cosine', 'polynomial' or 'constant'")
-    return _then_anneal(warm, L, M, W, A, shape)
+    return partial(_then_anneal, warm, L, M, W, A, shape)
 
 
 def constant_curve(value: float, *, func: str = "constant_curve") -> Curve:
@@ -120,8 +125,7 @@ def constant_curve(value: float, *, func: str = "constant_curve") -> Curve:
     >>> constant_curve(0.5)(123)
     0.5
     """
-    value = check_real(value, "value", func=func)
-    return lambda t: value
+    return partial(_constant, check_real(value, "value", func=func))
 
 
 # --- the built-in curves, one per built-in schedule of the same name -------------------
@@ -295,8 +299,8 @@ def warmup_stable_decay(
     if not isinstance(decay_shape, str) or decay_shape not in _DECAY_SHAPES:
         raise ArgumentValueError(func, "decay_shape", decay_shape, "'linear', 'cosine' or 'sqrt'")
     # The stable phase is the constant tail of the warmup; the decay is an anneal from S.
-    warm_then_stable = _then_constant(_linear_warmup(W, L), L, W)
-    return _then_anneal(warm_then_stable, M - D, M, W, A, _DECAY_SHAPES[decay_shape])
+    warm_then_stable = partial(_then_constant, partial(_linear_warmup, W, L), L, W)
+    return partial(_then_anneal, warm_then_stable, M - D, M, W, A, _DECAY_SHAPES[decay_shape])
 
 
 def _warmup_anneal(
@@ -359,41 +363,52 @@ def _anneal_end(func: str, A: float, M: int, L: int) -> tuple[float, int]:
     return A, M
 
 
-def _linear_warmup(W: float, L: int) -> Curve:
-    return lambda t: W * t / L
+# Each takes its parameters first and ``t`` (or ``p``) last: a curve binds the parameters
+# with functools.partial.
 
 
-def _inverse_warmup(W: float, L: int, R: float) -> Curve:
-    return lambda t: W * (R - (R - 1.0) * t / L)
+def _constant(value: float, t: int) -> float:
+    return value
 
 
-def _then_constant(warm: Curve, L: int, W: float) -> Curve:
-    return lambda t: warm(t) if t < L else W
+def _linear_warmup(W: float, L: int, t: int) -> float:
+    return W * t / L
 
 
-def _then_anneal(warm: Curve, L: int, M: int, W: float, A: float, shape: Shape) -> Curve:
-    span = M - L
+def _inverse_warmup(W: float, L: int, R: float, t: int) -> float:
+    return W * (R - (R - 1.0) * t / L)
 
-    def curve(t: int) -> float:
-        if t < L:
-            return warm(t)
-        if t >= M:
-            return A  # p = 1 at t = M, and the tail is clamped after it
-        return A + (W - A) * shape((t - L) / span)
 
-    return curve
+def _then_constant(warm: Curve, L: int, W: float, t: int) -> float:
+    return warm(t) if t < L else W
+
+
+def _then_anneal(warm: Curve, L: int, M: int, W: float, A: float, shape: Shape, t: int) -> float:
+    if t < L:
+        return warm(t)
+    if t >= M:
+        return A  # p = 1 at t = M, and the tail is clamped after it
+    return A + (W - A) * shape((t - L) / (M - L))
 
 
 def _cosine_shape(p: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * p))
 
 
-def _polynomial_shape(power: float) -> Shape:
-    return lambda p: (1.0 - p) ** power
+def _polynomial_shape(power: float, p: float) -> float:
+    return (1.0 - p) ** power
+
+
+def _linear_shape(p: float) -> float:
+    return 1.0 - p
+
+
+def _sqrt_shape(p: float) -> float:
+    return 1.0 - math.sqrt(p)  # 1 - sqrt(p), not sqrt(1 - p) as in the sqrt anneal
 
 
 _DECAY_SHAPES: dict[str, Shape] = {
-    "linear": lambda p: 1.0 - p,
+    "linear": _linear_shape,
     "cosine": _cosine_shape,
-    "sqrt": lambda p: 1.0 - math.sqrt(p),  # 1 - sqrt(p), not sqrt(1 - p) as in the sqrt anneal
+    "sqrt": _sqrt_shape,
 }

@@ -256,3 +256,58 @@ def test_bound_schedule_follows_optimizer_load_state_dict():
         return values
 
     assert run("momentum") == run("lr") == [0.125, 0.0625, 0.03125]
+
+
+@pytest.mark.parametrize("target", ["weight_decay", "betas[0]"])
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_bound_sequence_in_a_synchronous_schedule_equals_lr_sequence(name: str, target: str):
+    """Inside a SynchronousSchedule a member writes plain views that the coordinator
+    copies to the optimizer after each step; the values are the same, every step."""
+    opt_cls, kwargs, place = TARGETS[target]
+    groups = [{"params": [p], **place(b)} for p, b in zip(_params(), BASES)]
+    optimizer = opt_cls(groups, **kwargs)
+    schedule = schedany.SynchronousSchedule(
+        [
+            schedany.arbitrary_schedule_factory(optimizer, FACTORIES[name], None, target),
+            schedany.constant_schedule(optimizer, 0.5, schedule_target="lr"),
+        ]
+    )
+    key, index = (target[:-3], 0) if target.endswith("]") else (target, None)
+
+    def values():
+        return [g[key] if index is None else g[key][index] for g in optimizer.param_groups]
+
+    seq = [values()]
+    for t in range(STEPS):
+        optimizer.step()
+        schedule.step(metric(t)) if name == "ReduceLROnPlateau" else schedule.step()
+        seq.append(values())
+    assert seq == _reference_sequence(FACTORIES[name])
+
+
+def _two_groups_then_a_third() -> tuple[Adam, list[torch.nn.Parameter]]:
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(3)]
+    optimizer = Adam([{"params": [params[0]]}, {"params": [params[1]]}], weight_decay=0.1)
+    return optimizer, params
+
+
+@pytest.mark.parametrize("after_optimizer_step", [False, True])
+def test_add_param_group_fails_the_next_schedule_step(after_optimizer_step: bool):
+    """The next step() of a bound scheduler raises, whether or not the optimizer stepped
+    in between; the new group is never left silently unscheduled."""
+    optimizer, params = _two_groups_then_a_third()
+    schedule = schedany.arbitrary_schedule_factory(
+        optimizer, lambda o: lrs.StepLR(o, 1, 0.5), schedule_target="weight_decay"
+    )
+    optimizer.step()
+    schedule.step()
+    optimizer.add_param_group({"params": [params[2]]})
+    if after_optimizer_step:
+        optimizer.step()
+    with pytest.raises(
+        RuntimeError,
+        match=r"the optimizer had 2 param groups when 'weight_decay' was bound and has 3 "
+        r"now; rebuild the schedule after add_param_group\(\)",
+    ):
+        schedule.step()
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.05, 0.05, 0.1]

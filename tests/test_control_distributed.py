@@ -244,7 +244,39 @@ def ckpt_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def equivalence_job(rank: int, world_size: int, ckpt: str) -> dict[str, Any]:
     """Every DDP and FSDP scenario, in one pair of processes (spawning is the slow part)."""
-    return {"ddp": ddp_runs(rank, ckpt), "fsdp": fsdp_runs(rank)}
+    return {"plain": plain_module_errors(), "ddp": ddp_runs(rank, ckpt), "fsdp": fsdp_runs(rank)}
+
+
+def plain_module_errors() -> dict[str, tuple[str, str]]:
+    """Each controller built on the unwrapped module while 2 ranks are up: what it raised
+    (before any collective, so every rank gets there)."""
+    errors = {}
+    for name, controller in (("lbs", LogicalBatchSize), ("gnts", GradientNormThreshold)):
+        model = make_model()
+        opt = make_optimizer(model)
+        opt.param_groups[0]["logical_batch_size"] = 8.0
+        opt.param_groups[0]["gradient_norm_threshold"] = 1.0
+        try:
+            controller(model, opt)
+        except Exception as exc:
+            errors[name] = (type(exc).__name__, str(exc))
+    return errors
+
+
+def test_plain_module_under_two_ranks_is_rejected_naming_ddp_and_fsdp(
+    runs: list[dict[str, Any]],
+) -> None:
+    """It would count one rank's items (logical batches W times the target); the wrapped
+    models of the same job (the tests below) are accepted."""
+    for rank in range(WORLD):
+        for name, owner in (("lbs", "LogicalBatchSize"), ("gnts", "GradientNormThreshold")):
+            kind, message = runs[rank]["plain"][name]
+            assert kind == "ValueError"
+            assert message.startswith(
+                f"{owner}: model is a plain Sequential, but a process group of 2 ranks is "
+                "initialised; pass the model that trains, wrapped in DistributedDataParallel "
+                "or FSDP (fully_shard)"
+            )
 
 
 @pytest.fixture(scope="module")

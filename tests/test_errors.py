@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch.optim import SGD, AdamW
@@ -348,6 +349,22 @@ CASES: dict[str, tuple[Callable[[AdamW], Any], type[Exception], str]] = {
         ValueError,
         r"extend_optimizer: name='params'",
     ),
+    "extend with a string default": (
+        lambda opt: schedany.extend_optimizer(opt, "k", "abc"),
+        TypeError,
+        r"extend_optimizer requires default_value to be a real number or a non-empty "
+        r"tuple/list of real numbers \(the value of key 'k'\), got default_value='abc'",
+    ),
+    "extend with a tuple holding a string": (
+        lambda opt: schedany.extend_optimizer(opt, "gammas", (0.9, "x"), overwrite_values=True),
+        TypeError,
+        r"extend_optimizer requires default_value .* got default_value=\(0\.9, 'x'\)",
+    ),
+    "extend an existing key with a bad default": (
+        lambda opt: schedany.extend_optimizer(opt, "clip", None, overwrite_values=True),
+        TypeError,
+        r"\(the value of key 'clip'\), got default_value=None",
+    ),
     "regroup by an unknown key": (
         lambda opt: schedany.get_param_groups_regrouped_by_key(opt, "weightdecay"),
         KeyError,
@@ -664,3 +681,20 @@ def test_sgd_without_betas_names_the_available_keys():
         ),
     ):
         schedany.constant_schedule(optimizer, 0.5, schedule_target="betas[0]")
+
+
+@pytest.mark.parametrize(
+    "value", [2, 0.5, np.float32(0.25), torch.tensor(0.3), (0.9, 0.99), [1, 2.5], math.inf]
+)
+def test_extend_accepts_real_numbers_and_tuples_of_them(value: Any):
+    optimizer = make_optimizer()
+    schedany.extend_optimizer(optimizer, "fresh", value)
+    assert all(g["fresh"] is value for g in optimizer.param_groups)
+    assert optimizer.defaults["fresh"] is value
+
+
+@pytest.mark.parametrize("value", [True, [], (0.5, None), {"a": 1}, torch.zeros(2), "0.5"])
+def test_extend_rejects_other_defaults(value: Any):
+    optimizer = make_optimizer()
+    with untouched(optimizer), pytest.raises(TypeError, match=r"got default_value="):
+        schedany.extend_optimizer(optimizer, "fresh", value)

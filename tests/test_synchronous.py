@@ -175,3 +175,57 @@ def test_exact_resume_in_either_construction_order(order: str):
         resumed.step()
         assert optimizer_values(resumed_optimizer) == history[t], f"step {t + 1}"
         assert snapshot(resumed) == history[t]
+
+
+def test_add_param_group_fails_the_next_step_before_any_member_steps():
+    """Raw torch members included: the coordinator checks first, so no member takes a
+    step that the others do not."""
+    optimizer = make_optimizer()
+    schedule = schedany.SynchronousSchedule(
+        [
+            lrs.StepLR(optimizer, step_size=1, gamma=0.5),  # raw torch, on lr
+            schedany.linear_schedule_with_warmup(
+                optimizer, 1.0, 0.0, 2, 10, schedule_target="weight_decay"
+            ),
+        ]
+    )
+    train_step(optimizer)
+    schedule.step()
+    before = ([g["lr"] for g in optimizer.param_groups], snapshot(schedule))
+    optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))]})
+    with pytest.raises(
+        RuntimeError,
+        match=r"SynchronousSchedule: the optimizer had 3 param groups when the schedule was "
+        r"built and has 4 now; rebuild the schedule after add_param_group\(\)",
+    ):
+        schedule.step()
+    assert schedule.last_epoch == 1
+    assert all(s.last_epoch == 1 for s in schedule.schedules.values())
+    assert ([g["lr"] for g in optimizer.param_groups[:3]], snapshot(schedule)) == before
+
+
+def test_a_failed_member_step_still_reaches_the_optimizer():
+    """When one member fails (here: the clock went backwards for it), the members that
+    stepped before it have written their values to the optimizer, as a bare scheduler's
+    writes would have."""
+    optimizer = make_optimizer()
+    clock = schedany.Clock()
+    schedule = schedany.SynchronousSchedule(
+        [
+            schedany.linear_schedule_with_warmup(optimizer, 1.0, 0.0, 4, 10),
+            schedany.linear_schedule_with_warmup(
+                optimizer, 1.0, 0.0, 4, 10, schedule_target="weight_decay", unit="tokens"
+            ),
+        ],
+        clock=clock,
+    )
+    clock.advance(samples=1, tokens=5)
+    train_step(optimizer)
+    schedule.step()
+    clock.load_state_dict({"steps": 2, "samples": 2, "tokens": 3})  # tokens went backwards
+    train_step(optimizer)
+    with pytest.raises(ValueError, match="the clock went backwards"):
+        schedule.step()
+    lrs_now = [g["lr"] for g in optimizer.param_groups]
+    assert lrs_now == [0.01 * 2 / 4, 0.02 * 2 / 4, 0.03 * 2 / 4]
+    assert schedule.get_last_lr() == lrs_now

@@ -106,6 +106,17 @@ class DataParallelGroup:
                     "wrap it in DistributedDataParallel or fully_shard, or leave "
                     "process_group=None"
                 )
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                # Silently local, the controller would count one rank's items and norms:
+                # a logical batch W times too large. The usual cause is passing the
+                # module that a trainer (Lightning's DDP strategy) wrapped, not the wrapper.
+                raise ValueError(
+                    f"{owner}: model is a plain {type(model).__name__}, but a process group "
+                    f"of {dist.get_world_size()} ranks is initialised; pass the model that "
+                    "trains, wrapped in DistributedDataParallel or FSDP (fully_shard), so "
+                    "that the controller counts every rank (under Lightning: "
+                    "trainer.strategy.model)"
+                )
             return
         if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
             raise TypeError(
