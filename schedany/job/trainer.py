@@ -17,27 +17,29 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import yaml
 
 from .._clock import Clock
 from .._record import StepRecord, schedule_tags
-from ..config import ConfigError, TrainConfig, config_to_dict
+from ..config import ConfigError, TrainConfig
 from . import checkpoint as ckpt
 from ._faults import FAULT_MARKER_ENV, FAULT_RANK_ENV, FAULT_STEP_ENV, maybe_inject_fault
+from ._preemption import PREEMPT, Preempted, preemption_signals
+from ._step_flags import StepFlags
 from .build import build_controller, build_model, build_run
 from .data import MicroBatchSampler, eval_batches, load_corpus
-from .distributed import init_distributed, is_rank0, teardown, unwrap_model, wrap_model
+from .distributed import RankFailure, init_distributed, is_rank0, teardown, unwrap_model, wrap_model
 from .model import loss as lm_loss
 
 __all__ = [
     "FAULT_MARKER_ENV",
     "FAULT_RANK_ENV",
     "FAULT_STEP_ENV",
+    "Preempted",
+    "RankFailure",
     "Report",
     "TrainResult",
     "Trainer",
@@ -78,18 +80,12 @@ class Trainer:
         self.config = config
         self.report = report
         train_cfg = config.train
-        if (
-            train_cfg.device
-            and train_cfg.device.startswith("cuda")
-            and not torch.cuda.is_available()
-        ):
-            raise ConfigError(
-                "train.device",
-                f"{train_cfg.device!r} asked for, but CUDA is not available on this machine",
-            )
-        timeout = timedelta(minutes=config.distributed.timeout_minutes)
-        self.env = init_distributed(train_cfg.device, timeout=timeout)
+        self.timeout = timedelta(minutes=config.distributed.timeout_minutes)
+        self.env = init_distributed(train_cfg.device, timeout=self.timeout)
         self.device = self.env.device
+        # Requests that take effect at one step on every rank (docs/operations.md).
+        self.flags = StepFlags(PREEMPT, "edits", device=self.device)
+        self.agreed: frozenset[str] = frozenset()
         torch.manual_seed(config.seed)
         random.seed(config.seed)
 
@@ -172,6 +168,7 @@ class Trainer:
         self.clock.advance(*self._global(samples, tokens, control, dropped))
         record = StepRecord.read(self.schedule, ctl, control)  # what this step used
         self.schedule.step()
+        self.agreed = self.flags.agree()  # one small all-reduce under torchrun
         return record, micro_steps
 
     def _global(
@@ -208,14 +205,19 @@ class Trainer:
             dist.all_reduce(sums)
         return float(sums[0] / sums[1])
 
-    def take_train_loss(self) -> float:
-        """Mean per-token train loss since the last call, over all ranks."""
+    def loss_window(self) -> tuple[float, int]:
+        """Summed per-token train loss and tokens since the last report, over all ranks."""
         window = torch.stack([self._loss_sum, self._loss_sum.new_tensor(float(self._tokens))])
-        self._loss_sum.zero_()
-        self._tokens = 0
         if dist.is_initialized():
             dist.all_reduce(window)
         loss_sum, tokens = window.tolist()  # one host sync
+        return loss_sum, int(tokens)
+
+    def take_train_loss(self) -> float:
+        """Mean per-token train loss since the last call, over all ranks."""
+        loss_sum, tokens = self.loss_window()
+        self._loss_sum.zero_()
+        self._tokens = 0
         return loss_sum / tokens if tokens > 0 else math.nan
 
     # --- checkpoints -----------------------------------------------------------------------
@@ -226,6 +228,7 @@ class Trainer:
             "schedule": self.schedule.state_dict(),
             "controller": None if self.controller is None else self.controller.state_dict(),
             "data": self.sampler.state_dict(),
+            "loss_window": self.loss_window(),  # a resume's first report covers the same steps
         }
 
     def save_checkpoint(self) -> str:
@@ -251,16 +254,8 @@ class Trainer:
         rather than silently starting over.
         """
         directory = self.config.train.checkpoint_dir
-        if directory is None:
-            return None
-        ref = ckpt.latest_valid_checkpoint(directory)
+        ref = None if directory is None else ckpt.resumable_checkpoint(directory)
         if ref is None:
-            found = ckpt.list_checkpoints(directory)
-            if found:
-                raise ckpt.CheckpointError(
-                    f"{directory}: holds {len(found)} checkpoint(s) (newest: {found[0].path}) "
-                    "but none is valid; move them away to start over"
-                )
             return None
         try:
             state, own = ckpt.load_checkpoint(ref, self.model, self.optimizer)
@@ -281,6 +276,9 @@ class Trainer:
             ) from exc
         if own is not None:
             ckpt.restore_rng_state(own["rng"])
+        loss_sum, tokens = state.get("loss_window", (0.0, 0)) if is_rank0() else (0.0, 0)
+        self._loss_sum.fill_(loss_sum)  # one rank holds the window's global sums
+        self._tokens = int(tokens)
         self.step = int(state["step"])
         return str(ref.path)
 
@@ -291,7 +289,7 @@ class Trainer:
         resumed = self.resume()
         resumed_from = self.step if resumed else None
         rank0 = is_rank0()
-        from ._console import Console, MetricsFile, headline_values
+        from ._console import Console, headline_values, open_logs
 
         tags = schedule_tags(self.schedule)  # after resume(), which may replace the schedule
         unit, budget = cfg.budget()
@@ -299,18 +297,8 @@ class Trainer:
         console = Console(cfg.progress, total, self.step, rank0)
         metrics_file = logger = None
         if rank0 and cfg.log_dir is not None:
-            log_dir = Path(cfg.log_dir)
-            metrics_file = MetricsFile(log_dir / "metrics.jsonl", resumed_from)
-            (log_dir / "config.yaml").write_text(
-                yaml.safe_dump(config_to_dict(self.config), sort_keys=False)
-            )
-            from ..integrations.tensorboard import ScheduleLogger
-
-            logger = ScheduleLogger(
-                self.schedule,
-                log_dir=str(log_dir),
-                purge_step=None if resumed_from is None else self.clock.read(cfg.axis) + 1,
-            )
+            purge = None if resumed_from is None else self.clock.read(cfg.axis) + 1
+            metrics_file, logger = open_logs(self.config, self.schedule, resumed_from, purge)
         train_loss = eval_loss = None
         last_checkpoint = resumed
         try:
@@ -344,9 +332,10 @@ class Trainer:
                 console.update(headline)
                 if headline:
                     console.log(step, headline)
+                preempt = PREEMPT in self.agreed and not last  # the last step ends the run anyway
                 saved = None
                 if cfg.checkpoint_dir is not None and (
-                    last or _crossed(before, x, cfg.checkpoint_every)
+                    last or preempt or _crossed(before, x, cfg.checkpoint_every)
                 ):
                     if metrics_file is not None:
                         metrics_file.flush()
@@ -355,9 +344,15 @@ class Trainer:
                     saved = last_checkpoint = self.save_checkpoint()
                 if losses and self.report is not None and rank0:
                     self.report({"global_step": float(step), **scalars}, saved)
+                if preempt:
+                    raise Preempted(step, saved)
                 maybe_inject_fault(step, self.env.rank, cfg.checkpoint_dir)
             if eval_loss is None:
                 eval_loss = self.evaluate()
+        except RuntimeError as exc:  # a collective that timed out or lost its peer, above all
+            if not dist.is_initialized() or isinstance(exc, ckpt.CheckpointError):
+                raise
+            raise RankFailure(self.env.rank, self.step, self.timeout, exc) from exc
         finally:
             console.close()
             if metrics_file is not None:
@@ -390,11 +385,15 @@ def train(
     Raises:
         ConfigError: what the config cannot be checked for before a run starts (data
             folder without documents, strategy vs launch, CUDA availability).
-        CheckpointError: checkpoints exist but none is valid, or one of another kind.
+        CheckpointError: checkpoints exist but none is valid, or one of another kind; or
+            a checkpoint could not be written (a full disk).
+        Preempted, RankFailure: a preemption signal; a failed rank (docs/operations.md).
     """
     owns_group = not dist.is_initialized()
     try:
-        return (trainer_cls or Trainer)(config, report=report).run()
+        trainer = (trainer_cls or Trainer)(config, report=report)
+        with preemption_signals(trainer.flags):
+            return trainer.run()
     finally:
         if owns_group:
             teardown()
