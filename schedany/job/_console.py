@@ -133,6 +133,7 @@ class MetricsFile:
             line["clock"] = record.clock
         line.update(losses)
         self._file.write(json.dumps(line) + "\n")
+        self._file.flush()  # whole lines on disk as they come: a reader can follow the run
 
     def flush(self) -> None:
         self._file.flush()
