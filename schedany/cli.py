@@ -3,7 +3,8 @@
 A thin layer over the library: every command loads its config with
 :func:`schedany.config.load_config` and hands it to a library function. Exit codes:
 0 success, 2 a bad config or bad arguments (one line naming the path, no traceback),
-1 a failed run.
+1 a failed run, 143 a preempted one (``schedany train`` checkpointed the step at which a
+SIGTERM or SIGUSR1 arrived; docs/operations.md).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from ._clock import UNITS
 __all__ = ["build_parser", "main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_PREEMPTED = 143
+"""128 + SIGTERM, the shell's code for "ended by SIGTERM": schedulers retry it (Kubeflow's
+``ExitCode`` restart policy retries 128-255 and treats 1 as permanent)."""
 
 
 def _positive_int(text: str) -> int:
@@ -141,13 +145,21 @@ def _train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     from .job.checkpoint import CheckpointError
-    from .job.trainer import train
+    from .job.trainer import Preempted, RankFailure, train
 
     try:
         result = train(config, from_checkpoint=args.from_checkpoint)
     except CheckpointError as exc:
         _error("train", str(exc))
         return EXIT_FAILED
+    except RankFailure as exc:
+        traceback.print_exc()  # the cause may be a bug rather than a lost rank
+        _error("train", str(exc))
+        return EXIT_FAILED
+    except Preempted as exc:
+        if _is_rank0():
+            print(exc, flush=True)  # "preempted at step N (checkpoint ...)"
+        return EXIT_PREEMPTED
     if result.stopped and _is_rank0():
         print(f"stopped at step {result.step}; the same command resumes", flush=True)
     elif result.eval_loss is not None and _is_rank0():
@@ -273,7 +285,9 @@ def _is_rank0() -> bool:
 
 
 def _error(command: str, message: str) -> None:
-    print(f"schedany {command}: error: {message}", file=sys.stderr, flush=True)
+    # One line, whatever the message quotes from a file or --set (a newline, a \r, ...).
+    shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in message)
+    print(f"schedany {command}: error: {shown}", file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

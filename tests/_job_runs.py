@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -117,9 +118,28 @@ def records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
 
 
-def final_params(run: Path, tmp: Path) -> dict[str, torch.Tensor]:
+def final_params(run: Path, tmp: Path, steps: int = STEPS) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     out = tmp / f"{run.name}.pt"
-    dcp_to_torch_save(run / "ckpt" / f"step_{STEPS:08d}", out)
+    dcp_to_torch_save(run / "ckpt" / f"step_{steps:08d}", out)
     return torch.load(out, weights_only=True)["model"]
+
+
+def max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Over every parameter: max |a - b| / max |a| (the tensor's own scale)."""
+    assert a.keys() == b.keys()
+    return max(((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-12)).item() for k in a)
+
+
+def wait_for_step(run: Path, step: int, proc: subprocess.Popen[str]) -> None:
+    """Until ``metrics.jsonl`` shows optimizer step ``step`` (fails if the run ends first)."""
+    path = run / "logs" / "metrics.jsonl"
+    deadline = time.monotonic() + TIMEOUT
+    while not (path.exists() and len(path.read_text().splitlines()) >= step):
+        if time.monotonic() > deadline:
+            kill_tree(proc.pid)
+        if proc.poll() is not None:
+            code, out, err = finish(proc)
+            pytest.fail(f"the run ended (exit {code}) before step {step}\n{out}\n{err[-4000:]}")
+        time.sleep(0.02)

@@ -199,6 +199,22 @@ def test_launcher_scripts_are_valid_bash():
         assert result.returncode == 0, f"{script}: {result.stderr}"
 
 
+def test_preemption_grace_periods_fit_a_checkpoint():
+    """Kubernetes waits longer than torchrun, which waits for the workers' checkpoint;
+    SLURM warns the batch script with SIGUSR1 ahead of the time limit, and may requeue."""
+    launch = (ROOT / "distributed" / "launch.sh").read_text()
+    shutdown = int(re.search(r"\$\{SHUTDOWN_TIMEOUT:-(\d+)\}", launch).group(1))
+    assert "SIGUSR1" in re.search(r"PET_SIGNALS_TO_HANDLE:-([A-Z0-9,]+)", launch).group(1)
+    job = next(doc for _, doc in manifests() if doc.get("kind") == "PyTorchJob")
+    for replica in job["spec"]["pytorchReplicaSpecs"].values():
+        assert replica["template"]["spec"]["terminationGracePeriodSeconds"] > shutdown + 30
+    sbatch = (ROOT / "distributed" / "slurm.sbatch").read_text()
+    warning = re.search(r"^#SBATCH --signal=B:USR1@(\d+)$", sbatch, re.M)
+    assert warning and int(warning.group(1)) >= shutdown, "SLURM must warn before killing"
+    assert re.search(r"^#SBATCH --requeue$", sbatch, re.M)
+    assert "scontrol requeue" in sbatch
+
+
 def _docker_works() -> bool:
     if shutil.which("docker") is None:
         return False

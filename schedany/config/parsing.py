@@ -225,6 +225,12 @@ class _Loader(yaml.SafeLoader):
         seen: set[Any] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            try:
+                hash(key)
+            except TypeError:  # a complex key, `? [a, b]`
+                raise yaml.constructor.ConstructorError(
+                    None, None, "found a list or mapping as a key", key_node.start_mark
+                ) from None
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r}", key_node.start_mark
@@ -268,14 +274,44 @@ def _yaml_error(where: str, exc: yaml.YAMLError) -> ConfigError:
             "yaml.safe_load, which never constructs Python objects or imports code; write "
             "plain values (custom curves are registered from Python with register_curve)",
         )
+    if isinstance(exc, yaml.reader.ReaderError):  # its str() spans two lines
+        char = exc.character
+        shown = f"#x{char:04x}" if isinstance(char, int) else repr(char)
+        return ConfigError(
+            where, f"invalid YAML (character {exc.position + 1}): {shown}: {exc.reason}"
+        )
     return ConfigError(where, f"invalid YAML{at}: {getattr(exc, 'problem', None) or exc}")
+
+
+_MAX_DEPTH = 32
+_MAX_VALUES = 100_000
+"""Bounds no config comes near. PyYAML's parser and every walk over a loaded value
+recurse (a deeper one ends in a RecursionError), and a value walks as if its aliases were
+copies (a few nested aliases make billions of values)."""
 
 
 def _parse_yaml(text: str, where: str) -> Any:
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+        value = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
     except yaml.YAMLError as exc:
         raise _yaml_error(where, exc) from None
+    except RecursionError:
+        raise ConfigError(where, f"nested more than {_MAX_DEPTH} levels deep") from None
+    # Level by level, so that the check cannot recurse; aliases count once per use.
+    level, depth, count = [value], 0, 1
+    while level:
+        level = [
+            child
+            for node in level
+            if isinstance(node, (dict, list))
+            for child in (node.values() if isinstance(node, dict) else node)
+        ]
+        depth, count = depth + 1, count + len(level)
+        if depth > _MAX_DEPTH:
+            raise ConfigError(where, f"nested more than {_MAX_DEPTH} levels deep")
+        if count > _MAX_VALUES:
+            raise ConfigError(where, f"holds more than {_MAX_VALUES} values (aliases expanded)")
+    return value
 
 
 def read_yaml(path: str | os.PathLike[str]) -> Any:

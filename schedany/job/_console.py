@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 if TYPE_CHECKING:
     from .._record import StepRecord
+    from .._synchronous import SynchronousSchedule
+    from ..config import TrainConfig
+    from ..integrations.tensorboard import ScheduleLogger
 
 
 def _number(value: float) -> str:
@@ -133,9 +136,32 @@ class MetricsFile:
             line["guard"] = record.guard
         line.update(losses)
         self._file.write(json.dumps(line) + "\n")
+        self._file.flush()  # whole lines on disk as they come: a reader can follow the run
 
     def flush(self) -> None:
         self._file.flush()
 
     def close(self) -> None:
         self._file.close()
+
+
+def open_logs(
+    config: TrainConfig,
+    schedule: SynchronousSchedule,
+    resumed_from: int | None,
+    purge_step: int | None,
+) -> tuple[MetricsFile, ScheduleLogger]:
+    """Rank 0's files in ``train.log_dir``: ``metrics.jsonl`` (cut back to ``resumed_from``),
+    ``config.yaml`` (the resolved config) and the TensorBoard events (events from
+    ``purge_step`` on, written before a crash, are purged)."""
+    import yaml
+
+    from ..config import config_to_dict
+    from ..integrations.tensorboard import ScheduleLogger
+
+    assert config.train.log_dir is not None
+    log_dir = Path(config.train.log_dir)
+    metrics_file = MetricsFile(log_dir / "metrics.jsonl", resumed_from)
+    (log_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    logger = ScheduleLogger(schedule, log_dir=str(log_dir), purge_step=purge_step)
+    return metrics_file, logger

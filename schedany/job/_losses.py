@@ -28,14 +28,26 @@ class TrainLoss:
         self._sum += total.detach()
         self._tokens += tokens
 
-    def take(self) -> float:
-        """Mean per-token train loss since the last call, over all ranks."""
+    def window(self) -> tuple[float, int]:
+        """The summed loss and tokens since the last :meth:`take`, over all ranks (a
+        collective under torchrun); a checkpoint keeps it, so a resumed run's first
+        report covers the same steps as the uninterrupted run's."""
         window = torch.stack([self._sum, self._sum.new_tensor(float(self._tokens))])
-        self._sum.zero_()
-        self._tokens = 0
         if dist.is_initialized():
             dist.all_reduce(window)
         loss_sum, tokens = window.tolist()  # one host sync
+        return loss_sum, int(tokens)
+
+    def restore(self, loss_sum: float, tokens: int) -> None:
+        """Start from a saved :meth:`window` (on one rank: it holds the global sums)."""
+        self._sum.fill_(loss_sum)
+        self._tokens = int(tokens)
+
+    def take(self) -> float:
+        """Mean per-token train loss since the last call, over all ranks."""
+        loss_sum, tokens = self.window()
+        self._sum.zero_()
+        self._tokens = 0
         return loss_sum / tokens if tokens > 0 else math.nan
 
 

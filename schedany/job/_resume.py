@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import ConfigError
 from . import checkpoint as ckpt
+from .distributed import is_rank0
 from .rebuild import rebuild_run
 
 if TYPE_CHECKING:
@@ -25,23 +26,9 @@ if TYPE_CHECKING:
 
 
 def _own_checkpoint(directory: str | None) -> ckpt.CheckpointRef | None:
-    """The newest valid checkpoint of ``train.checkpoint_dir``, if there is one.
-
-    Newer corrupt or truncated ones are skipped with a warning; if checkpoints exist but
-    none is valid, :class:`~schedany.job.checkpoint.CheckpointError` is raised rather
-    than silently starting over.
-    """
-    if directory is None:
-        return None
-    ref = ckpt.latest_valid_checkpoint(directory)
-    if ref is None:
-        found = ckpt.list_checkpoints(directory)
-        if found:
-            raise ckpt.CheckpointError(
-                f"{directory}: holds {len(found)} checkpoint(s) (newest: {found[0].path}) "
-                "but none is valid; move them away to start over"
-            )
-    return ref
+    """The newest valid checkpoint of ``train.checkpoint_dir``, if there is one (see
+    :func:`~schedany.job.checkpoint.resumable_checkpoint`)."""
+    return None if directory is None else ckpt.resumable_checkpoint(directory)
 
 
 def _from_checkpoint(path: str) -> ckpt.CheckpointRef:
@@ -104,4 +91,6 @@ def resume(trainer: Trainer) -> str | None:
         ) from exc
     if own is not None:
         ckpt.restore_rng_state(own["rng"])
+    if is_rank0():  # one rank holds the report window's global sums
+        trainer.train_loss.restore(*state.get("loss_window", (0.0, 0)))
     return str(ref.path)

@@ -20,7 +20,6 @@ manifest is incomplete and never loads; one whose bytes differ from it is refuse
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -35,9 +34,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ._faults import maybe_inject_write_fault
+from ._files import digest, fsync_dir, write_atomic
 from ._rng import capture_rng_state, restore_rng_state
 from ._safe_load import check_dcp_metadata, load_plain, plain_bytes, safe_load_planner
-from .distributed import barrier, from_rank0, is_rank0
+from .distributed import any_rank, barrier, from_rank0, is_rank0
 
 __all__ = [
     "CheckpointError",
@@ -47,6 +48,7 @@ __all__ = [
     "list_checkpoints",
     "load_checkpoint",
     "restore_rng_state",
+    "resumable_checkpoint",
     "save_checkpoint",
     "verify_checkpoint",
 ]
@@ -89,32 +91,6 @@ def _rank_file(rank: int) -> str:
 # --- files -------------------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open folders
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then ``os.replace``."""
-    tmp = path.with_name(f".tmp.{path.name}.{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _digest(data: bytes) -> dict[str, Any]:
-    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
 def _read_verified(ref: CheckpointRef) -> dict[str, bytes]:
     """Check the manifest and every file it lists; return the bytes of the ``.metadata``
     files (the only ones read again, for their pickle check), not the whole checkpoint."""
@@ -137,7 +113,7 @@ def _read_verified(ref: CheckpointRef) -> dict[str, bytes]:
             data = (ref.path / name).read_bytes()
         except FileNotFoundError:
             raise CheckpointError(f"checkpoint {ref.path}: file {name} is missing") from None
-        got = _digest(data)
+        got = digest(data)
         if got != expected:
             raise CheckpointError(
                 f"checkpoint {ref.path}: file {name} is corrupt or truncated (expected "
@@ -198,6 +174,21 @@ def latest_valid_checkpoint(directory: str | os.PathLike[str]) -> CheckpointRef 
     return None if step < 0 else _ref(Path(directory), step)
 
 
+def resumable_checkpoint(directory: str | os.PathLike[str]) -> CheckpointRef | None:
+    """:func:`latest_valid_checkpoint`, or None where ``directory`` holds no checkpoint;
+    :class:`CheckpointError` where it holds some but none is valid (rather than silently
+    starting over). Call it on every rank."""
+    ref = latest_valid_checkpoint(directory)
+    if ref is None:
+        found = list_checkpoints(directory)
+        if found:
+            raise CheckpointError(
+                f"{directory}: holds {len(found)} checkpoint(s) (newest: {found[0].path}) "
+                "but none is valid; move them away to start over"
+            )
+    return ref
+
+
 def _remove(path: Path) -> None:
     (path / _MANIFEST).unlink(missing_ok=True)  # first, so a half-removed one is incomplete
     shutil.rmtree(path, ignore_errors=True)
@@ -226,6 +217,25 @@ def _dcp_call(fn: Any, state_dict: dict[str, Any], path: Path, **kwargs: Any) ->
         # DCP warns on every call without a process group, even when asked for no_dist.
         warnings.filterwarnings("ignore", "torch.distributed is .*single process", UserWarning)
         fn(state_dict, checkpoint_id=path, no_dist=not dist.is_initialized(), **kwargs)
+
+
+def _agree_written(problem: BaseException | None, ref: CheckpointRef, tmp: Path) -> None:
+    """Raise :class:`CheckpointError` on every rank if writing failed on any (one
+    all-reduce, so that no rank waits for another that gave up); rank 0 removes the
+    partial folder first. The checkpoints already in the folder are never touched."""
+    if not any_rank(problem is not None):
+        return
+    from torch.distributed.checkpoint import CheckpointException
+
+    if is_rank0():
+        shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(problem, CheckpointException):  # DCP's wrapper of each rank's error
+        problem = next(iter(problem.failures.values()))[0]
+    cause = f"{problem}" if problem is not None else "another rank could not write its part"
+    raise CheckpointError(
+        f"checkpoint {ref.path} could not be written ({cause}); the checkpoints already in "
+        f"{ref.path.parent} are intact, so the same command resumes from the newest of them"
+    ) from problem
 
 
 def save_checkpoint(
@@ -260,27 +270,40 @@ def save_checkpoint(
     root = Path(directory)
     ref = _ref(root, step)
     tmp = root / f".tmp.{ref.path.name}"
+    problem: BaseException | None = None
     if is_rank0():
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    _dcp_call(dcp.save, {"model": model_sd, "optimizer": optim_sd}, tmp)
-    if own is not None:
-        _write_atomic(tmp / _rank_file(_rank()), own)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        except OSError as exc:
+            problem = exc
+    _agree_written(problem, ref, tmp)  # also the barrier before any rank writes into tmp
+    try:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        _dcp_call(dcp.save, {"model": model_sd, "optimizer": optim_sd}, tmp)
+        if own is not None:
+            mine = tmp / _rank_file(_rank())
+            write_atomic(mine, own, lambda: maybe_inject_write_fault(step, _rank(), root, mine))
+        if is_rank0():
+            write_atomic(tmp / _STATE, shared)
+    except (OSError, dcp.CheckpointException) as exc:
+        problem = exc
+    _agree_written(problem, ref, tmp)
     if is_rank0():
-        _write_atomic(tmp / _STATE, shared)
-    barrier()
+        try:
+            files = {p.name: digest(p.read_bytes()) for p in sorted(tmp.iterdir()) if p.is_file()}
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            body = {"format": _FORMAT, "step": step, "world_size": world, "files": files}
+            write_atomic(tmp / _MANIFEST, json.dumps(body, indent=1, sort_keys=True).encode())
+            if ref.path.exists():  # rewriting a step
+                _remove(ref.path)
+            os.rename(tmp, ref.path)
+            fsync_dir(root)
+        except OSError as exc:
+            problem = exc
+    _agree_written(problem, ref, tmp)
     if is_rank0():
-        files = {p.name: _digest(p.read_bytes()) for p in sorted(tmp.iterdir()) if p.is_file()}
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        body = {"format": _FORMAT, "step": step, "world_size": world, "files": files}
-        _write_atomic(tmp / _MANIFEST, json.dumps(body, indent=1, sort_keys=True).encode())
-        if ref.path.exists():  # rewriting a step
-            _remove(ref.path)
-        os.rename(tmp, ref.path)
-        _fsync_dir(root)
         _prune(root, keep_last)
     barrier()
     return ref

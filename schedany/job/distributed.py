@@ -19,6 +19,8 @@ from ..config import ConfigError
 
 __all__ = [
     "DistEnv",
+    "RankFailure",
+    "any_rank",
     "Strategy",
     "barrier",
     "collective_device",
@@ -64,7 +66,8 @@ def _env_int(name: str, default: int) -> int:
 def detect_env(device: str | torch.device | None = None) -> DistEnv:
     """Read ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``; starts nothing.
 
-    ``device=None`` picks ``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``.
+    ``device=None`` picks ``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``; a
+    CUDA device on a machine without CUDA is a ``ConfigError`` at ``train.device``.
     """
     under_torchrun = "WORLD_SIZE" in os.environ
     world_size = _env_int("WORLD_SIZE", 1)
@@ -74,6 +77,10 @@ def detect_env(device: str | torch.device | None = None) -> DistEnv:
         raise ValueError(f"bad torchrun environment: RANK={rank}, WORLD_SIZE={world_size}")
     if device is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    elif str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            "train.device", f"{device!r} asked for, but CUDA is not available on this machine"
+        )
     return DistEnv(rank, world_size, local_rank, torch.device(device), under_torchrun)
 
 
@@ -208,6 +215,35 @@ def barrier() -> None:
     """``dist.barrier()`` when a process group is up; otherwise nothing."""
     if dist.is_initialized():
         dist.barrier()
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on any rank (one all-reduce); ``flag`` without a group."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([int(flag)], device=collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+class RankFailure(RuntimeError):
+    """A distributed run failed on this rank between two optimizer steps.
+
+    The message names the last completed step and the process-group timeout; the
+    original error is the ``__cause__``. Under a process group a collective that times
+    out or loses its peer raises a plain ``RuntimeError`` (gloo, NCCL), which is why the
+    job wraps every ``RuntimeError`` of its loop in this, whatever its wording."""
+
+    def __init__(self, rank: int, step: int, timeout: timedelta, error: BaseException) -> None:
+        self.rank, self.step = rank, step
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        super().__init__(
+            f"rank {rank} failed after optimizer step {step} (in step {step + 1}, or in the "
+            f"evaluation or checkpoint after step {step}): {first_line}. A timeout or a "
+            "closed connection means another rank stopped responding or died; the job "
+            f"waits {timeout.total_seconds():g} s for a collective "
+            "(distributed.timeout_minutes)"
+        )
 
 
 def from_rank0(value: int) -> int:

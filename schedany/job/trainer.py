@@ -17,7 +17,6 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,15 +28,18 @@ from ..config import ConfigError, TrainConfig
 from . import checkpoint as ckpt
 from ._faults import maybe_inject_fault
 from ._losses import TrainLoss, evaluate
+from ._preemption import PREEMPT, Preempted, preemption_signals
 from ._resume import resume
 from ._step_flags import StepFlags
 from .build import build_controller, build_guard, build_model, build_run
 from .data import MicroBatchSampler, eval_batches, load_corpus
-from .distributed import init_distributed, is_rank0, teardown, wrap_model
+from .distributed import RankFailure, init_distributed, is_rank0, teardown, wrap_model
 from .live import LiveControl
 from .model import loss as lm_loss
 
 __all__ = [
+    "Preempted",
+    "RankFailure",
     "Report",
     "TrainResult",
     "Trainer",
@@ -92,18 +94,13 @@ class Trainer:
         self.rebuild_on_resume = False
         """Build the schedules from this config at the resumed clock (PBT's exploit)."""
         train_cfg = config.train
-        if (
-            train_cfg.device
-            and train_cfg.device.startswith("cuda")
-            and not torch.cuda.is_available()
-        ):
-            raise ConfigError(
-                "train.device",
-                f"{train_cfg.device!r} asked for, but CUDA is not available on this machine",
-            )
-        timeout = timedelta(minutes=config.distributed.timeout_minutes)
-        self.env = init_distributed(train_cfg.device, timeout=timeout)
+        self.timeout = timedelta(minutes=config.distributed.timeout_minutes)
+        self.env = init_distributed(train_cfg.device, timeout=self.timeout)
         self.device = self.env.device
+        # Requests that take effect at one optimizer step on every rank (_step_flags):
+        # preemption signals and live-control edits.
+        self.flags = StepFlags(PREEMPT, "edits", device=self.device)
+        self.agreed: frozenset[str] = frozenset()
         torch.manual_seed(config.seed)
         random.seed(config.seed)
 
@@ -117,9 +114,6 @@ class Trainer:
         self.guard = build_guard(config, self.model, self.optimizer)
         self.live = LiveControl(self)
         self.per_token = config.control.kind != "none" and config.control.items == "tokens"
-        # Requests that act at one optimizer step on every rank (see _step_flags).
-        self.flags = StepFlags("preempt", "edits", device=self.device)
-        self.agreed: frozenset[str] = frozenset()
 
         d, m = config.data, config.model
         try:
@@ -228,6 +222,7 @@ class Trainer:
             "guard": None if self.guard is None else self.guard.state_dict(),
             "data": self.sampler.state_dict(),
             "edits": self.live.applied,
+            "loss_window": self.train_loss.window(),  # a resume's first report: same steps
         }
 
     def save_checkpoint(self) -> str:
@@ -259,7 +254,7 @@ class Trainer:
         resumed = self.resume()
         resumed_from = self.step if resumed else None
         rank0 = is_rank0()
-        from ._console import Console, MetricsFile, headline_values
+        from ._console import Console, headline_values, open_logs
 
         tags = schedule_tags(self.schedule)  # after resume(), which may replace the schedule
         unit, budget = cfg.budget()
@@ -267,15 +262,8 @@ class Trainer:
         console = Console(cfg.progress, total, self.step, rank0)
         metrics_file = logger = None
         if rank0 and cfg.log_dir is not None:
-            log_dir = Path(cfg.log_dir)
-            metrics_file = MetricsFile(log_dir / "metrics.jsonl", resumed_from)
-            from ..integrations.tensorboard import ScheduleLogger
-
-            logger = ScheduleLogger(
-                self.schedule,
-                log_dir=str(log_dir),
-                purge_step=None if resumed_from is None else self.clock.read(cfg.axis) + 1,
-            )
+            purge = None if resumed_from is None else self.clock.read(cfg.axis) + 1
+            metrics_file, logger = open_logs(self.config, self.schedule, resumed_from, purge)
         train_loss = eval_loss = None
         last_checkpoint = resumed
         try:
@@ -313,9 +301,10 @@ class Trainer:
                 console.update(headline)
                 if headline:
                     console.log(step, headline)
+                preempt = PREEMPT in self.agreed and not last  # the last step ends the run anyway
                 saved = None
                 if cfg.checkpoint_dir is not None and (
-                    last or stop or _crossed(before, x, cfg.checkpoint_every)
+                    last or stop or preempt or _crossed(before, x, cfg.checkpoint_every)
                 ):
                     if metrics_file is not None:
                         metrics_file.flush()
@@ -324,11 +313,17 @@ class Trainer:
                     saved = last_checkpoint = self.save_checkpoint()
                 if losses and self.report is not None and rank0:
                     self.report({"global_step": float(step), **scalars}, saved)
+                if preempt:
+                    raise Preempted(step, saved)
                 maybe_inject_fault(step, self.env.rank, cfg.checkpoint_dir)
                 if stop:
                     break
             if eval_loss is None and not self.live.stop_requested:
                 eval_loss = self.evaluate()
+        except RuntimeError as exc:  # a collective that timed out or lost its peer, above all
+            if not dist.is_initialized() or isinstance(exc, ckpt.CheckpointError):
+                raise
+            raise RankFailure(self.env.rank, self.step, self.timeout, exc) from exc
         finally:
             self.live.close()
             console.close()
@@ -373,12 +368,15 @@ def train(
     Raises:
         ConfigError: what the config cannot be checked for before a run starts (data
             folder without documents, strategy vs launch, CUDA availability).
-        CheckpointError: checkpoints exist but none is valid, or one of another kind.
+        CheckpointError: checkpoints exist but none is valid, or one of another kind; or
+            a checkpoint could not be written (a full disk).
+        Preempted, RankFailure: a preemption signal; a failed rank (docs/operations.md).
     """
     owns_group = not dist.is_initialized()
     try:
         trainer = (trainer_cls or Trainer)(config, report=report, from_checkpoint=from_checkpoint)
-        return trainer.run()
+        with preemption_signals(trainer.flags):
+            return trainer.run()
     finally:
         if owns_group:
             teardown()
