@@ -77,3 +77,13 @@ def check_num_items(num_items: Any, owner: str) -> int | None:
     if num_items is None:
         return None
     return check_integer(num_items, "num_items", min=0, func=f"{owner}.accumulate")
+
+
+def check_state_keys(state_dict: Any, keys: set[str] | frozenset[str], where: str) -> None:
+    """A ``load_state_dict`` is strict: exactly ``keys``, else a ``KeyError`` naming
+    ``where`` (``"GradientGuard.load_state_dict"``) and what is missing or unknown."""
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"{where}: expected a dict, got {type(state_dict).__name__}")
+    missing, unknown = keys - state_dict.keys(), state_dict.keys() - keys
+    if missing or unknown:
+        raise KeyError(f"{where}: missing keys {sorted(missing)}, unknown keys {sorted(unknown)}")

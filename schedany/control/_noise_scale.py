@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import check_real
+from ._checks import check_state_keys
 from ._comm import DataParallelGroup
 from ._grad_sync import ModelKind
 from ._grads import squared_norms
@@ -158,12 +159,7 @@ class NoiseScale:
         return {"squared_norm": self._squared_norm, "trace": self._trace, "updates": self._updates}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        missing, unknown = _STATE_KEYS - state_dict.keys(), state_dict.keys() - _STATE_KEYS
-        if missing or unknown:
-            raise KeyError(
-                f"{self.owner}.load_state_dict: noise_scale: missing keys {sorted(missing)}, "
-                f"unknown keys {sorted(unknown)}"
-            )
+        check_state_keys(state_dict, _STATE_KEYS, f"{self.owner}.load_state_dict: noise_scale")
         self._squared_norm = float(state_dict["squared_norm"])
         self._trace = float(state_dict["trace"])
         self._updates = int(state_dict["updates"])

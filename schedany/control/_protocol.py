@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ._checks import check_num_items, read_scheduled_value
+from ._checks import check_num_items, check_state_keys, read_scheduled_value
 from ._comm import DataParallelGroup, Header, register_controller
 from ._grad_sync import GradientSync, plain_grads_sharded
 from ._grads import all_finite, divide_, local_grads, squared_norms
@@ -251,12 +251,7 @@ class AccumulationController:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore counters saved by :meth:`state_dict`; strict about keys and class."""
         keys = _STATE_KEYS | ({_NOISE_KEY} if self._noise is not None else set())
-        missing, unknown = keys - state_dict.keys(), state_dict.keys() - keys
-        if missing or unknown:
-            raise KeyError(
-                f"{self.name}.load_state_dict: missing keys {sorted(missing)}, "
-                f"unknown keys {sorted(unknown)}"
-            )
+        check_state_keys(state_dict, keys, f"{self.name}.load_state_dict")
         if state_dict["controller"] != self.name:
             raise ValueError(
                 f"{self.name}.load_state_dict: the state was saved by {state_dict['controller']!r}"

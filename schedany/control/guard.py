@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
-from ._checks import read_group_values
+from ._checks import check_state_keys, read_group_values
 from ._comm import DataParallelGroup
 from ._grad_sync import ModelKind, model_kind, plain_grads_sharded
 from ._grads import grads_of, is_dtensor, param_squared_norms, scale_
@@ -155,12 +155,7 @@ class GradientGuard:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved; strict about keys."""
-        missing, unknown = _STATE_KEYS - state_dict.keys(), state_dict.keys() - _STATE_KEYS
-        if missing or unknown:
-            raise KeyError(
-                f"{self.name}.load_state_dict: missing keys {sorted(missing)}, "
-                f"unknown keys {sorted(unknown)}"
-            )
+        check_state_keys(state_dict, _STATE_KEYS, f"{self.name}.load_state_dict")
         self._skipped = int(state_dict["skipped_steps"])
 
     # --- machinery ----------------------------------------------------------------
