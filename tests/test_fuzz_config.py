@@ -179,6 +179,9 @@ YAML_ODDITIES = [
     "seed: !!set {a, b}\n",
     "schedules: {lr: " + "[" * 200 + "]" * 200 + "}\n",  # deeper than any config
     "a: &a [x, x]\nb: &b [*a, *a]\nc: [*b, *b]\nschedules: *b\n",  # aliases, small
+    "a: &a [x, x, x, x, x, x, x, x, x, x]\n"  # ... and 10**9 values once expanded
+    + "".join(f"{c}: &{c} [{', '.join([f'*{p}'] * 10)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+    + "seed: *i\n",
     "%YAML 1.1\n---\nseed: 0\n...\n---\nseed: 1\n",  # two documents
     "'unterminated\n",
     "train: {steps: 1e3}\n",

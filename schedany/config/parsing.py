@@ -297,20 +297,23 @@ def _parse_yaml(text: str, where: str) -> Any:
         raise _yaml_error(where, exc) from None
     except RecursionError:
         raise ConfigError(where, f"nested more than {_MAX_DEPTH} levels deep") from None
-    # Level by level, so that the check cannot recurse; aliases count once per use.
-    level, depth, count = [value], 0, 1
+    # Level by level, so that the check cannot recurse; an alias counts once per use, and
+    # the count stops the walk before it expands more than _MAX_VALUES of them.
+    level: list[Any] = [value]
+    depth = count = 0
     while level:
-        level = [
-            child
-            for node in level
-            if isinstance(node, (dict, list))
-            for child in (node.values() if isinstance(node, dict) else node)
-        ]
-        depth, count = depth + 1, count + len(level)
-        if depth > _MAX_DEPTH:
+        below: list[Any] = []
+        for node in level:
+            items = node.values() if isinstance(node, dict) else node
+            if isinstance(node, (dict, list)):
+                count += len(items)
+                if count > _MAX_VALUES:
+                    raise ConfigError(where, f"holds more than {_MAX_VALUES} values")
+                below.extend(items)
+        depth += 1
+        if below and depth >= _MAX_DEPTH:
             raise ConfigError(where, f"nested more than {_MAX_DEPTH} levels deep")
-        if count > _MAX_VALUES:
-            raise ConfigError(where, f"holds more than {_MAX_VALUES} values (aliases expanded)")
+        level = below
     return value
 
 

@@ -12,7 +12,9 @@ The checkpoint of optimizer step 10 is the folder ``step_00000010/``:
 One process (no process group) and N ranks under torchrun write the same layout, and DCP
 reshards on load, so model and optimizer saved at one world size load at another. All
 files are written into ``.tmp.step_00000010/``, the manifest last, and the folder is then
-renamed into place: a crash at any point leaves nothing that loads. A checkpoint without a
+renamed into place: a crash at any point leaves nothing that loads. A write that fails on
+any rank (a full disk) fails on every rank with :class:`CheckpointError`, the partial
+folder removed and the checkpoints already there untouched. A checkpoint without a
 manifest is incomplete and never loads; one whose bytes differ from it is refused with
 :class:`CheckpointError`. Loading never unpickles arbitrary objects: plain files load with
 ``weights_only=True``, DCP's ``.metadata`` against an allowlist (:mod:`._safe_load`).
@@ -258,7 +260,8 @@ def save_checkpoint(
     numbers, strings, None, dicts, lists and tuples: a ``TypeError`` names the first other
     thing, on every rank, before anything is written. Afterwards all but the newest
     ``keep_last`` checkpoints are removed; keep ``keep_last >= 2`` so a corrupt newest one
-    has a fallback.
+    has a fallback. If any rank cannot write its part (``OSError``: a full disk, say),
+    every rank raises :class:`CheckpointError` and the earlier checkpoints stay as they were.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict

@@ -20,8 +20,8 @@ from ..config import ConfigError
 __all__ = [
     "DistEnv",
     "RankFailure",
-    "any_rank",
     "Strategy",
+    "any_rank",
     "barrier",
     "collective_device",
     "detect_env",

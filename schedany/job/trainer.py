@@ -8,7 +8,8 @@ checkpoints, logs and ``report`` happen between optimizer steps and write that r
 
 Entry points: :func:`train` and ``schedany train CONFIG``. A run whose
 ``train.checkpoint_dir`` holds a checkpoint resumes from it exactly: model, optimizer,
-schedule and clock, controller, data position and RNG state.
+schedule and clock, controller, data position and RNG state. SIGTERM or SIGUSR1 ends it
+after a checkpoint of the step in progress, agreed on by every rank (docs/operations.md).
 """
 
 from __future__ import annotations
