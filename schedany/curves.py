@@ -20,11 +20,23 @@ pickles and deep-copies (and with it a built-in schedule, docs/api.md).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from functools import partial
 from typing import Literal
 
+from ._curve_terms import (
+    Curve,
+    Shape,
+    _constant,
+    _cosine_shape,
+    _inverse_warmup,
+    _linear_shape,
+    _linear_warmup,
+    _polynomial_shape,
+    _sqrt_shape,
+    _then_anneal,
+    _then_constant,
+)
 from .errors import ArgumentValueError, check_integer, check_real
 
 __all__ = [
@@ -51,8 +63,6 @@ __all__ = [
     "BUILTIN_CURVES",
 ]
 
-Curve = Callable[[int], float]
-Shape = Callable[[float], float]  # p in [0, 1] -> the fraction of W - A still left
 WarmupKind = Literal["normal", "inverse"]
 AnnealKind = Literal["cosine", "polynomial", "constant"]
 DecayShape = Literal["linear", "cosine", "sqrt"]
@@ -361,50 +371,6 @@ def _anneal_end(func: str, A: float, M: int, L: int) -> tuple[float, int]:
         expected = f"an integer >= num_warmup_steps ({L})"
         raise ArgumentValueError(func, "num_training_steps", M, expected)
     return A, M
-
-
-# Each takes its parameters first and ``t`` (or ``p``) last: a curve binds the parameters
-# with functools.partial.
-
-
-def _constant(value: float, t: int) -> float:
-    return value
-
-
-def _linear_warmup(W: float, L: int, t: int) -> float:
-    return W * t / L
-
-
-def _inverse_warmup(W: float, L: int, R: float, t: int) -> float:
-    return W * (R - (R - 1.0) * t / L)
-
-
-def _then_constant(warm: Curve, L: int, W: float, t: int) -> float:
-    return warm(t) if t < L else W
-
-
-def _then_anneal(warm: Curve, L: int, M: int, W: float, A: float, shape: Shape, t: int) -> float:
-    if t < L:
-        return warm(t)
-    if t >= M:
-        return A  # p = 1 at t = M, and the tail is clamped after it
-    return A + (W - A) * shape((t - L) / (M - L))
-
-
-def _cosine_shape(p: float) -> float:
-    return 0.5 * (1.0 + math.cos(math.pi * p))
-
-
-def _polynomial_shape(power: float, p: float) -> float:
-    return (1.0 - p) ** power
-
-
-def _linear_shape(p: float) -> float:
-    return 1.0 - p
-
-
-def _sqrt_shape(p: float) -> float:
-    return 1.0 - math.sqrt(p)  # 1 - sqrt(p), not sqrt(1 - p) as in the sqrt anneal
 
 
 _DECAY_SHAPES: dict[str, Shape] = {
