@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -32,9 +32,7 @@ from ._checks import check_state_keys
 from ._comm import DataParallelGroup
 from ._grad_sync import ModelKind
 from ._grads import squared_norms
-
-if TYPE_CHECKING:
-    from ._protocol import Tally
+from ._tally import Tally
 
 _STATE_KEYS = frozenset({"squared_norm", "trace", "updates"})
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +37,7 @@ from ._comm import DataParallelGroup, Header, register_controller
 from ._grad_sync import GradientSync, plain_grads_sharded
 from ._grads import all_finite, divide_, local_grads, squared_norms
 from ._noise_scale import NoiseScale
+from ._tally import Tally
 
 Mode = Literal["micro_batch", "num_items"]
 Decision = Literal["continue", "close", "drop"]
@@ -55,32 +56,6 @@ def _sum_over_ranks(rows: Tensor) -> float:
     """
     values = rows.tolist()
     return math.fsum(sharded for sharded, _ in values) + values[0][1]
-
-
-class Tally(NamedTuple):
-    """What a controller decides a micro-step from; the same numbers on every rank."""
-
-    micro_steps: int
-    """Micro-steps of the logical batch, the current one included."""
-    items: int
-    """Items of the logical batch over all ranks, the current micro-step's included."""
-    target: float
-    """The scheduled value, read when the logical batch started."""
-    mean_divisor: float
-    """What turns the accumulated ``.grad`` into the mean: ``items / W`` with num_items
-    (DDP/FSDP already averaged over the ``W`` ranks), else ``micro_steps``."""
-    sum_of_squares: float = math.nan
-    """``‖S‖²`` of the accumulated gradient over all ranks and shards; only measured for
-    a controller with ``measures_gradients``."""
-
-    @property
-    def grad_norm(self) -> float:
-        """``‖mean gradient‖₂``: nan while there are no items to take the mean over, inf
-        or nan when the gradients are not finite."""
-        norm = math.sqrt(self.sum_of_squares)
-        if not math.isfinite(norm):
-            return norm
-        return norm / self.mean_divisor if self.items else math.nan
 
 
 class AccumulationController:

@@ -11,8 +11,9 @@ from torch.optim import Optimizer
 from ..errors import ArgumentValueError, check_integer
 from ._checks import check_optional_count
 from ._comm import Header
-from ._protocol import AccumulationController, Decision, Tally
+from ._protocol import AccumulationController, Decision
 from ._sketch import SketchedNorm, check_sketchable
+from ._tally import Tally
 
 Norm = Literal["exact", "sketch"]
 

@@ -9,7 +9,8 @@ from torch import nn
 from torch.optim import Optimizer
 
 from ._checks import check_optional_count
-from ._protocol import AccumulationController, Decision, Tally
+from ._protocol import AccumulationController, Decision
+from ._tally import Tally
 
 __all__ = ["LogicalBatchSize"]
 
