@@ -37,7 +37,10 @@ class Clock:
     __slots__ = ("_counts",)
 
     def __init__(self) -> None:
-        self._counts = dict.fromkeys(UNITS, 0)
+        # [steps, samples, tokens], in UNITS order: one list for the clock's life (only
+        # ever changed in place), because a SynchronousSchedule holds it and reads it by
+        # position once per member per step (see SynchronousSchedule.step).
+        self._counts = [0, 0, 0]
 
     def advance(self, samples: int = 0, tokens: int = 0) -> None:
         """One optimizer step that consumed ``samples`` and ``tokens``, summed over all
@@ -47,39 +50,39 @@ class Clock:
             samples = check_integer(samples, "samples", min=0, func="Clock.advance")
             tokens = check_integer(tokens, "tokens", min=0, func="Clock.advance")
         counts = self._counts
-        counts["steps"] += 1
-        counts["samples"] += samples
-        counts["tokens"] += tokens
+        counts[0] += 1
+        counts[1] += samples
+        counts[2] += tokens
 
     @property
     def steps(self) -> int:
-        return self._counts["steps"]
+        return self._counts[0]
 
     @property
     def samples(self) -> int:
-        return self._counts["samples"]
+        return self._counts[1]
 
     @property
     def tokens(self) -> int:
-        return self._counts["tokens"]
+        return self._counts[2]
 
     def read(self, unit: Unit) -> int:
         """The total in ``unit``: ``"steps"``, ``"samples"`` or ``"tokens"``."""
-        return self._counts[check_unit(unit, "Clock.read")]
+        return self._counts[UNITS.index(check_unit(unit, "Clock.read"))]
 
     def state_dict(self) -> dict[str, int]:
-        return dict(self._counts)
+        return dict(zip(UNITS, self._counts))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Strict: exactly the keys steps, samples, tokens, each an integer >= 0."""
         if not isinstance(state_dict, dict) or set(state_dict) != set(UNITS):
             got = sorted(state_dict) if isinstance(state_dict, dict) else state_dict
             raise KeyError(f"Clock.load_state_dict: expected keys {sorted(UNITS)}, got {got}")
-        counts = {
-            unit: check_integer(state_dict[unit], unit, min=0, func="Clock.load_state_dict")
+        # In place: a SynchronousSchedule built on this clock holds the list itself.
+        self._counts[:] = [
+            check_integer(state_dict[unit], unit, min=0, func="Clock.load_state_dict")
             for unit in UNITS
-        }
-        self._counts = counts
+        ]
 
     def __repr__(self) -> str:
         return f"Clock(steps={self.steps}, samples={self.samples}, tokens={self.tokens})"

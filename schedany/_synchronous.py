@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, ReduceLROnPlateau
 
 from ._binding import bound_target, bound_unit, real_optimizer
-from ._clock import Clock
+from ._clock import UNITS, Clock
 from ._proxy import BoundOptimizer, flush_views
 from ._rollback import unchanged_on_error
 from ._targets import Target, parse_target
@@ -20,20 +20,6 @@ _RAW_LR = parse_target("lr")  # what a raw torch scheduler drives
 
 def _as_float(value: Any) -> float:
     return float(value.item()) if isinstance(value, Tensor) else float(value)
-
-
-def _catch_up(
-    name: str, schedule: LRScheduler, behind: int, reading: int, unit: str, every: int
-) -> None:
-    """``behind`` steps of a scheduler that is not a closed form; an error if negative.
-    (:meth:`SynchronousSchedule.step` takes the common cases itself.)"""
-    if behind < 0:
-        raise ValueError(
-            f"schedule {name!r} has taken {schedule.last_epoch} steps of {every} {unit}, "
-            f"but the clock reads {reading} {unit}: the clock went backwards"
-        )
-    for _ in range(behind):
-        schedule.step()
 
 
 class SynchronousSchedule(LRScheduler):
@@ -112,16 +98,18 @@ class SynchronousSchedule(LRScheduler):
         if clock is not None and not isinstance(clock, Clock):
             raise TypeError(f"SynchronousSchedule: clock must be a Clock, got {clock!r}")
         self.clock = clock
+        self._counts = None if clock is None else clock._counts  # read in place each step
         self.optimizer = optimizer
         self._schedules = members
         self._targets = targets
         self._num_groups = len(optimizer.param_groups)
         self._plateau = [s for s in members.values() if isinstance(s, ReduceLROnPlateau)]
-        # (name, member, unit, every, closed form?) of the members that step without a
-        # metric, fixed at build time so step() only reads them.
-        self._others = [
-            (name, s, *bound_unit(s), isinstance(s, LambdaLR))
-            for name, s in members.items()
+        # (member, position of its unit in the clock's counts, every, closed form?) of
+        # the members that step without a metric, fixed at build time so step() only
+        # reads them.
+        self._stepped = [
+            (s, UNITS.index(bound_unit(s)[0]), bound_unit(s)[1], isinstance(s, LambdaLR))
+            for s in members.values()
             if not isinstance(s, ReduceLROnPlateau)
         ]
         # The bound members' proxies: from here on the coordinator refreshes their views
@@ -162,27 +150,38 @@ class SynchronousSchedule(LRScheduler):
             if proxy.stale:  # the optimizer stepped or loaded since: re-read the targets
                 proxy.refresh()
         try:
-            if self.clock is None:
-                for _name, schedule, _unit, _every, _closed_form in self._others:
+            counts = self._counts
+            if counts is None:
+                for schedule, _position, _every, _closed_form in self._stepped:
                     schedule.step()
             else:
-                counts = self.clock.state_dict()
-                for name, schedule, unit, every, closed_form in self._others:
-                    behind = counts[unit] // every - schedule.last_epoch
-                    if behind > 1 and closed_form:
+                for schedule, position, every, closed_form in self._stepped:
+                    reading = counts[position] if every == 1 else counts[position] // every
+                    if closed_form and reading > schedule.last_epoch:
                         # A LambdaLR is a closed form of last_epoch: jump there in one
                         # step (a token unit may advance by thousands per optimizer step).
-                        schedule.last_epoch += behind - 1
-                        behind = 1
-                    if behind == 1:
+                        schedule.last_epoch = reading - 1
                         schedule.step()
-                    elif behind:
-                        _catch_up(name, schedule, behind, counts[unit], unit, every)
+                    elif reading != schedule.last_epoch:
+                        self._catch_up(schedule, reading - schedule.last_epoch)
             for schedule in self._plateau:
                 schedule.step(*args, **kwargs)
         finally:  # what the members did reaches the optimizer, even if one failed
             flush_views(proxies)
         self.last_epoch += 1
+
+    def _catch_up(self, schedule: LRScheduler, behind: int) -> None:
+        """``behind`` steps of a member that is not a closed form; an error if negative.
+        (:meth:`step` takes the common cases itself.)"""
+        if behind < 0:
+            (name,) = [n for n, s in self._schedules.items() if s is schedule]
+            unit, every = bound_unit(schedule)
+            raise ValueError(
+                f"schedule {name!r} has taken {schedule.last_epoch} steps of {every} {unit}, "
+                f"but the clock reads {self.clock.read(unit)} {unit}: the clock went backwards"
+            )
+        for _ in range(behind):
+            schedule.step()
 
     def get_last_schedule(self, name: str) -> list[float]:
         """The last value of schedule ``name``, one per param group."""
