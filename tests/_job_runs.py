@@ -52,21 +52,42 @@ def run_args(run: Path, *more: str) -> list[str]:
     return sets([f"train.log_dir={run / 'logs'}", f"train.checkpoint_dir={run / 'ckpt'}", *more])
 
 
-def launch(
-    argv: list[str], env: dict[str, str] | None = None, torchrun: list[str] | None = None
-) -> subprocess.Popen[str]:
+def command(argv: list[str], torchrun: list[str] | None = None) -> list[str]:
+    """``python -m schedany ARGV``, under ``torchrun --standalone TORCHRUN`` if given."""
     prefix = (
         [sys.executable, "-m", "torch.distributed.run", "--standalone", *torchrun]
         if torchrun is not None
         else [sys.executable]
     )
+    return [*prefix, "-m", "schedany", *argv]
+
+
+def launch(
+    argv: list[str], env: dict[str, str] | None = None, torchrun: list[str] | None = None
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [*prefix, "-m", "schedany", *argv],
+        command(argv, torchrun),
         text=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
     )
+
+
+def launch_to_files(
+    run: Path, argv: list[str], torchrun: list[str] | None = None
+) -> subprocess.Popen[str]:
+    """:func:`launch` with the output in ``run/out.txt`` and ``run/err.txt``: for a run
+    read long after it started (a pipe nobody reads could fill and block it)."""
+    run.mkdir(parents=True, exist_ok=True)
+    with open(run / "out.txt", "w") as out, open(run / "err.txt", "w") as err:
+        return subprocess.Popen(
+            command(argv, torchrun),
+            text=True,
+            stdout=out,
+            stderr=err,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
 
 
 def kill_tree(pid: int) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from _job_runs import (
     GNTS,
+    STEPS,
     TINY,
     final_params,
     launch,
@@ -27,7 +28,6 @@ from _job_runs import (
     sets,
 )
 
-STEPS = 8
 TWO = ["--nproc-per-node", "2"]
 
 
@@ -37,24 +37,25 @@ def argv(run: Path, steps: int, *more: str) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "two_ranks, one_process, one_launcher",
+    "strategy, one_process, one_launcher",
     [
-        ("distributed.strategy=ddp", "distributed.strategy=none", None),
+        ("ddp", "distributed.strategy=none", None),
         # FSDP2 needs a process group, so its one process runs under torchrun.
-        ("distributed.strategy=fsdp", "distributed.strategy=fsdp", ["--nproc-per-node", "1"]),
+        ("fsdp", "distributed.strategy=fsdp", ["--nproc-per-node", "1"]),
     ],
     ids=["ddp-none-ddp", "fsdp-fsdp-fsdp"],
 )
 def test_two_ranks_then_one_process_then_two_ranks_equals_two_ranks_throughout(
-    tmp_path, two_ranks, one_process, one_launcher
+    tmp_path, tiny_reference, strategy, one_process, one_launcher
 ):
-    reference, moved = tmp_path / "reference", tmp_path / "moved"
-    ref = launch(argv(reference, STEPS, two_ranks), torchrun=TWO)
+    # Two ranks throughout: the shared run of `TINY` under this strategy (conftest.py).
+    ref, moved = tiny_reference(strategy), tmp_path / "moved"
+    two_ranks = f"distributed.strategy={strategy}"
     ok(launch(argv(moved, 3, two_ranks), torchrun=TWO))
     one = ok(launch(argv(moved, 6, one_process, "train.micro_batch_size=8"), torchrun=one_launcher))
     assert "at step 3" in one
     assert "at step 6" in ok(launch(argv(moved, STEPS, two_ranks), torchrun=TWO))
-    ok(ref)
+    reference = ref.done()
 
     a, b = records(reference), records(moved)
     assert [r["step"] for r in b] == list(range(1, STEPS + 1))

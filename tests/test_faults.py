@@ -52,9 +52,11 @@ def only_step_2_left(run) -> None:
 
 
 @pytest.mark.slow
-def test_killed_in_the_middle_of_a_checkpoint_write_resumes_from_the_previous(tmp_path):
-    reference, run = tmp_path / "reference", tmp_path / "killed"
-    ref = launch(argv(reference))
+def test_killed_in_the_middle_of_a_checkpoint_write_resumes_from_the_previous(
+    tmp_path, tiny_reference
+):
+    # The uninterrupted run: the session's shared one-process run of `TINY` (conftest.py).
+    ref, run = tiny_reference("single"), tmp_path / "killed"
     code, out, err = finish(launch(argv(run), fault(run, 4, "kill_in_write")))
     assert code == -9, f"the fault did not fire: exit {code}\n{out}\n{err}"
     partial = run / "ckpt" / ".tmp.step_00000004"
@@ -65,7 +67,7 @@ def test_killed_in_the_middle_of_a_checkpoint_write_resumes_from_the_previous(tm
     output = ok(launch(argv(run), fault(run, 4, "kill_in_write")))  # the marker disarms it
     assert f"resumed from {run / 'ckpt' / 'step_00000002'} at step 2" in output
     assert not partial.exists()  # the next checkpoint cleans it up
-    ok(ref)
+    reference = ref.done()
     assert records(run) == records(reference)
     a, b = final_params(reference, tmp_path), final_params(run, tmp_path)
     assert all((a[k] == b[k]).all() for k in a)

@@ -382,16 +382,29 @@ def test_real_processes_exit_2_without_a_traceback(tmp_path):
         ("train", b"\xff\xfe seed: \x80\n", []),
         ("train", tiny, ["optimizer.lr=.nan", "x=1=2"]),
     ]
-    for command, text, overrides in cases:
-        path = _write(tmp_path, text)
-        sets = [a for o in overrides for a in ("--set", o)]
-        result = subprocess.run(
-            [sys.executable, "-m", "schedany", command, str(path), *sets],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert result.returncode == 2, result.stderr
-        lines = result.stderr.splitlines()
-        assert len(lines) == 1 and lines[0].startswith(f"schedany {command}: error: "), lines
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+    folders = [tmp_path / f"case{i}" for i in range(len(cases))]
+    procs = []
+    try:
+        for folder, (command, text, overrides) in zip(folders, cases):
+            folder.mkdir()
+            path = _write(folder, text)
+            sets = [a for o in overrides for a in ("--set", o)]
+            procs.append(
+                subprocess.Popen(  # all at once: each one spends its time importing
+                    [sys.executable, "-m", "schedany", command, str(path), *sets],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        for (command, _, _), proc in zip(cases, procs):
+            _, stderr = proc.communicate(timeout=120)
+            assert proc.returncode == 2, stderr
+            lines = stderr.splitlines()
+            assert len(lines) == 1 and lines[0].startswith(f"schedany {command}: error: "), lines
+    finally:
+        for proc in procs:
+            proc.kill()  # a no-op for those that exited
+            proc.wait()
+    for folder in folders:
+        assert sorted(p.name for p in folder.iterdir()) == ["config.yaml"]

@@ -3,7 +3,8 @@ rendezvous, forming one 2-rank DDP job.
 
 Invariants: the two-node job equals a single-node torchrun job of the same world size;
 a worker killed on one node makes both nodes restart (within the restart budget) and
-the job finishes from its last checkpoint, equal to the uninterrupted run.
+the job finishes from its last checkpoint, equal to the uninterrupted run (the
+single-node run, shared with other files: conftest.py).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from _job_runs import (
     fault,
     final_params,
     finish,
-    launch,
     records,
     run_args,
     sets,
@@ -85,16 +85,12 @@ def assert_same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
         assert ((a[key] - b[key]).abs().max() / scale).item() <= 1e-6, key
 
 
-def test_two_nodes_form_one_job_equal_to_one_node(tmp_path):
-    single, two = tmp_path / "single_node", tmp_path / "two_nodes"
-    reference = launch(
-        ["train", GNTS, *sets([*TINY, "distributed.strategy=ddp"]), *run_args(single)],
-        torchrun=["--nproc-per-node", "2"],
-    )
+def test_two_nodes_form_one_job_equal_to_one_node(tmp_path, tiny_reference):
+    # The single-node job: the session's shared torchrun DDP run of `TINY` (conftest.py).
+    reference, two = tiny_reference("ddp"), tmp_path / "two_nodes"
     nodes = start_nodes(two, max_restarts=0)
     output = finish_nodes(nodes)
-    code, out, err = finish(reference)
-    assert code == 0, err[-4000:]
+    single = reference.done()
     two_records, single_records = records(two), records(single)
     assert [r["step"] for r in two_records] == list(range(1, STEPS + 1))
     assert [r["schedule"] for r in two_records] == [r["schedule"] for r in single_records]
@@ -105,12 +101,12 @@ def test_two_nodes_form_one_job_equal_to_one_node(tmp_path):
     assert "Traceback" not in output
 
 
-def test_worker_killed_on_one_node_restarts_the_job_from_its_checkpoint(tmp_path):
-    clean, killed = tmp_path / "clean", tmp_path / "killed"
-    reference = start_nodes(clean, max_restarts=0)
-    finish_nodes(reference)
+def test_worker_killed_on_one_node_restarts_the_job_from_its_checkpoint(tmp_path, tiny_reference):
+    # The uninterrupted job: the single-node one, which the two-node job equals (above).
+    reference, killed = tiny_reference("ddp"), tmp_path / "killed"
     nodes = start_nodes(killed, max_restarts=1, env=fault(killed, 5, rank=1))
     output = finish_nodes(nodes)
+    clean = reference.done()
     assert (killed / "fault.marker").exists(), "the fault never fired"
     assert "at step 4" in output  # resumed from the step-4 checkpoint
     resumed = records(killed)

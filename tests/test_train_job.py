@@ -37,22 +37,21 @@ from _job_runs import (
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    """Three single-process runs of the tiny GNTS job: two uninterrupted, and one
-    killed after step 5 (its last checkpoint is step 4), then restarted."""
+def single(tmp_path_factory, tiny_reference):
+    """Three single-process runs of the tiny GNTS job: two uninterrupted ("a" is the
+    session's shared reference run, conftest.py), and one killed after step 5 (its last
+    checkpoint is step 4), then restarted."""
     root = tmp_path_factory.mktemp("single")
-    runs = {name: root / name for name in ("a", "b", "killed")}
+    a = tiny_reference("single")
+    runs = {name: root / name for name in ("b", "killed")}
     argv = {name: ["train", GNTS, *sets(TINY), *run_args(run)] for name, run in runs.items()}
-    procs = [
-        launch(argv["a"]),
-        launch(argv["b"]),
-        launch(argv["killed"], fault(runs["killed"], step=5)),
-    ]
-    ok(procs[0]), ok(procs[1])
-    code, out, err = finish(procs[2])
+    procs = [launch(argv["b"]), launch(argv["killed"], fault(runs["killed"], step=5))]
+    ok(procs[0])
+    code, out, err = finish(procs[1])
     assert code == -9, f"the fault did not fire: exit {code}\n{out}\n{err}"
     assert (runs["killed"] / "fault.marker").exists()
     assert "resumed from" in ok(launch(argv["killed"], fault(runs["killed"], step=5)))
+    runs["a"] = a.done()
     return root, runs
 
 
@@ -129,17 +128,17 @@ def test_corrupt_checkpoint_is_refused_and_the_previous_one_used(single, tmp_pat
 
 
 @pytest.mark.slow
-def test_torchrun_ddp_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
-    runs = {name: tmp_path / name for name in ("ddp", "ddp_killed")}
+def test_torchrun_ddp_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, tiny_reference):
+    ref = tiny_reference("ddp")  # the uninterrupted run (shared, conftest.py)
+    runs = {"ddp_killed": tmp_path / "ddp_killed"}
     common = ["train", GNTS, *sets([*TINY, "distributed.strategy=ddp"])]
-    ref = launch([*common, *run_args(runs["ddp"])], torchrun=["--nproc-per-node", "2"])
     killed = launch(
         [*common, *run_args(runs["ddp_killed"])],
         fault(runs["ddp_killed"], 5, rank=1),
         torchrun=["--nproc-per-node", "2", "--max-restarts", "1"],
     )
-    ok(ref)
     output = ok(killed)
+    runs["ddp"] = ref.done()
     assert (runs["ddp_killed"] / "fault.marker").exists()
     assert f"at step {4}" in output  # resumed from the step-4 checkpoint
     reference, resumed = records(runs["ddp"]), records(runs["ddp_killed"])
@@ -153,14 +152,9 @@ def test_torchrun_ddp_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path
 
 
 @pytest.mark.slow
-def test_torchrun_fsdp_completes(tmp_path):
-    run = tmp_path / "fsdp"
-    ok(
-        launch(
-            ["train", GNTS, *sets([*TINY, "distributed.strategy=fsdp"]), *run_args(run)],
-            torchrun=["--nproc-per-node", "2"],
-        )
-    )
+def test_torchrun_fsdp_completes(tmp_path, tiny_reference):
+    # The session's shared FSDP2 run of `TINY` under torchrun, 2 ranks (conftest.py).
+    run = tiny_reference("fsdp").done()
     manifest = json.loads((run / "ckpt" / f"step_{STEPS:08d}" / "MANIFEST.json").read_text())
     assert manifest["world_size"] == 2
     assert len(records(run)) == STEPS

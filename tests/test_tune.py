@@ -2,7 +2,7 @@
 
 The slow tests run real sweeps through ``python -m schedany tune`` on a small Ray:
 one embedded local Ray (the default), and one ``ray start --head`` on loopback shared
-by the PBT, fault-tolerance and ``--address`` tests. The head runs in its own temp
+by the PBT, ASHA and multi-worker tests (through ``--address``). The head runs in its own temp
 folder and is stopped by killing the processes it started (``ray stop`` would stop
 every Ray on the machine).
 """
@@ -667,9 +667,12 @@ WARMUP = "schedules.lr.num_warmup_steps"
 @pytest.fixture(scope="module")
 def grid_sweep(workdir: Path) -> subprocess.CompletedProcess[str]:
     """Four trials on an embedded local Ray, over the warmup length; run once for the
-    tests that read it (results in ``workdir/runs/grid``)."""
-    path = write_sweep(workdir, "grid", search={WARMUP: {"grid": GRID}})
-    return cli("tune", str(path), timeout=300)  # ~140 s on a loaded 2-core machine
+    tests that read it (results in ``workdir/runs/grid``). The first trial to finish
+    step 10 is killed right after it, once (one marker for the whole sweep), and
+    restarts from its checkpoint (max_failures 1)."""
+    path = write_sweep(workdir, "grid", search={WARMUP: {"grid": GRID}}, tune={"max_failures": 1})
+    fault = {"SCHEDANY_FAULT_AT_STEP": "10", "SCHEDANY_FAULT_MARKER": str(workdir / "grid.fault")}
+    return cli("tune", str(path), env=fault, timeout=300)  # ~140 s on a loaded 2-core machine
 
 
 @pytest.mark.slow
@@ -795,29 +798,29 @@ def test_pbt_exploit_rebuilds_the_schedule(workdir: Path, ray_head: str) -> None
 
 
 @pytest.mark.slow
-def test_crashed_trial_resumes_from_its_checkpoint(workdir: Path, ray_head: str) -> None:
-    """A trial killed once after step 10 restarts from its step-10 checkpoint
+def test_crashed_trial_resumes_from_its_checkpoint(
+    workdir: Path, grid_sweep: subprocess.CompletedProcess[str]
+) -> None:
+    """The grid's trial killed once after step 10 restarts from its step-10 checkpoint
     (max_failures 1); its reported steps are continuous and the sweep finishes."""
-    path = write_sweep(
-        workdir,
-        "fault",
-        search={"schedules.lr.num_warmup_steps": {"grid": [4]}},
-        tune={"max_failures": 1},
-    )
-    proc = cli(
-        "tune", str(path), "--address", ray_head, env={"SCHEDANY_FAULT_AT_STEP": "10", **HEAD_AUTH}
-    )
+    proc = grid_sweep
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    experiment = workdir / "runs" / "fault"
-    ((name, trial),) = trial_rows(experiment).items()
-    assert [r["global_step"] for r in trial] == [5, 10, 15]
-    for r in trial:
-        assert r["schedule/lr/pg0"] == pytest.approx(
-            LR * lr_curve(4)(r["global_step"] - 1), rel=1e-12
-        )
-    assert "The actor died unexpectedly" in (experiment / name / "error.txt").read_text()
-    records = step_records(experiment / name)
-    assert sorted(records) == list(range(1, 16))
+    assert (workdir / "grid.fault").is_file(), "the fault never fired"
+    experiment = workdir / "runs" / "grid"
+    rows = trial_rows(experiment)
+    crashed = [name for name in rows if (experiment / name / "error.txt").exists()]
+    assert crashed, "no trial records the crash"
+    for name in crashed:
+        trial = rows[name]
+        warmup = trial[0]["config"][WARMUP]
+        assert [r["global_step"] for r in trial] == [5, 10, 15]
+        for r in trial:
+            assert r["schedule/lr/pg0"] == pytest.approx(
+                LR * lr_curve(warmup)(r["global_step"] - 1), rel=1e-12
+            )
+        assert "The actor died unexpectedly" in (experiment / name / "error.txt").read_text()
+        records = step_records(experiment / name)
+        assert sorted(records) == list(range(1, 16))
 
 
 @pytest.mark.slow
