@@ -7,23 +7,20 @@ collective a decision needs is made by the controller from the numbers returned 
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
 
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # torch < 2.5, or a build without torch.distributed
-    try:
-        from torch.distributed._tensor import DTensor  # type: ignore[no-redef]
-    except ImportError:
-        DTensor = None  # type: ignore[assignment,misc]
-
 
 def is_dtensor(t: Tensor) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
+    # No tensor is a DTensor until torch.distributed.tensor has been imported (FSDP2
+    # imports it), so this check imports nothing: importing it costs about a second of
+    # start-up in every process, most of which never shard a model.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def local_grads(model: nn.Module) -> list[Tensor]:
