@@ -8,7 +8,8 @@ For each example config, in one process:
 - bare: the same model shape, corpus, sampler and AdamW param groups in a loop written by
   hand: no schedules, no controller, no recording. For an accumulating config it runs
   exactly the micro-steps per optimizer step that the job just ran (summed loss,
-  gradients divided by the token count), so both sides do the same arithmetic.
+  gradients divided by the token count; for GNTS, the gradient norm after each
+  micro-step that its decision needs), so both sides do the same arithmetic.
 
 The two are interleaved step by step (the machine is shared; drift hits both); the
 medians of each side's step time and of the paired per-step ratio are reported (target
@@ -96,6 +97,9 @@ class Bare:
             min_len=sampler.min_len,
         )
         self.accumulate = config.control.kind != "none"
+        # A hand-written GNTS loop measures the accumulated gradient's norm after every
+        # micro-step to decide (one norm pass, as the job's controller makes).
+        self.measure_norm = config.control.kind == "gnts"
         self.params = [p for p in self.model.parameters()]
 
     def step(self, micro_steps: int) -> None:
@@ -109,6 +113,8 @@ class Bare:
                 total, n = model_lib.loss(self.model, batch, "sum")
                 total.backward()
                 tokens += n
+                if self.measure_norm:
+                    torch.nn.utils.get_total_norm([p.grad for p in self.params])
             with torch.no_grad():
                 torch._foreach_div_([p.grad for p in self.params], tokens)
         self.optimizer.step()
