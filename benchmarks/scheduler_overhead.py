@@ -11,7 +11,8 @@ the loop of a training script makes it (``for ...: schedule.step()``), of:
   ``arbitrary_schedule_factory``, in a ``SynchronousSchedule``;
 - (c) clock: schedany's three schedules counting tokens on a :class:`schedany.Clock`:
   ``clock.advance(samples=1, tokens=n)`` with an irregular ``n``, then ``step()``, so the
-  ratio counts the advance too (goal: <= 1.05x schedany);
+  ratio counts the advance too (goal: <= 1.05x schedany); ``(c) step`` is ``step()``
+  alone, the same loop less a loop of only the advances (timed with the others);
 - (b) tsa:   ``torch-schedule-anything`` 1.2.3 doing what schedany does (its own cosine
   built-ins and SynchronousSchedule), if it can be imported or installed.
 
@@ -130,6 +131,18 @@ def build_clock(groups: int) -> Run:
         for count in itertools.islice(tokens, n):
             clock.advance(samples=1, tokens=count)
             step()
+
+    return run
+
+
+def build_advance(groups: int) -> Run:
+    """The clock variant's advances alone, to take out of it for ``step()``'s share."""
+    clock = schedany.Clock()
+    tokens = itertools.cycle([1, 3, 2, 5])
+
+    def run(n: int) -> None:
+        for count in itertools.islice(tokens, n):
+            clock.advance(samples=1, tokens=count)
 
     return run
 
@@ -263,6 +276,7 @@ def main() -> None:
         "lambdalr": build_lambdalr,
         "own": build_own_lambdalr,
         "clock": build_clock,
+        "advance": build_advance,
     }
     tsa, tsa_note = load_tsa(install=not args.no_install)
     if tsa is not None:
@@ -277,6 +291,7 @@ def main() -> None:
         f"{'G':>5} | {'schedany':>10} | {'3x LambdaLR':>11} | {'(a) ratio':>9} | "
         f"{'own LambdaLR':>12} | {'(d) ratio':>9} | "
         f"{'tsa 1.2.3':>10} | {'(b) ratio':>9} | {'with clock':>10} | {'(c) ratio':>9} | "
+        f"{'(c) step':>8} | "
         f"{'us per group*key':>16}"
     )
     print(header)
@@ -296,6 +311,7 @@ def main() -> None:
             f"{groups:>5} | {ours * 1e3:8.3f}ms | {stock * 1e3:9.3f}ms | {ours / stock:9.3f} | "
             f"{t['own'] * 1e3:10.3f}ms | {t['own'] / stock:9.3f} | "
             f"{tsa_cells} | {t['clock'] * 1e3:8.3f}ms | {t['clock'] / ours:9.3f} | "
+            f"{(t['clock'] - t['advance']) / ours:8.3f} | "
             f"{per_unit:16.3f}",
             flush=True,
         )

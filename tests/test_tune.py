@@ -660,13 +660,13 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Any:
         shutil.rmtree(temp, ignore_errors=True)
 
 
-GRID = [0, 3, 6, 12]
+GRID = [0, 6]  # two trials: one round on the 2 CPUs of the local Ray
 WARMUP = "schedules.lr.num_warmup_steps"
 
 
 @pytest.fixture(scope="module")
 def grid_sweep(workdir: Path) -> subprocess.CompletedProcess[str]:
-    """Four trials on an embedded local Ray, over the warmup length; run once for the
+    """Two trials on an embedded local Ray, over the warmup length; run once for the
     tests that read it (results in ``workdir/runs/grid``). The first trial to finish
     step 10 is killed right after it, once (one marker for the whole sweep), and
     restarts from its checkpoint (max_failures 1)."""
@@ -679,7 +679,7 @@ def grid_sweep(workdir: Path) -> subprocess.CompletedProcess[str]:
 def test_grid_over_warmup_through_the_cli(
     workdir: Path, grid_sweep: subprocess.CompletedProcess[str]
 ) -> None:
-    """Four trials on an embedded local Ray; each reports its own curve's lr."""
+    """Two trials on an embedded local Ray; each reports its own curve's lr."""
     warmups = GRID
     proc = grid_sweep
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
