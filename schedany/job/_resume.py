@@ -14,15 +14,13 @@ nothing; and how the loaded state meets the run's config.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..config import ConfigError
 from . import checkpoint as ckpt
+from ._trainer_parts import TrainerParts
 from .distributed import is_rank0
 from .rebuild import rebuild_run
-
-if TYPE_CHECKING:
-    from .trainer import Trainer
 
 
 def _own_checkpoint(directory: str | None) -> ckpt.CheckpointRef | None:
@@ -54,7 +52,7 @@ def _load_part(part: Any, state: dict[str, Any] | None, what: str) -> None:
         part.load_state_dict(state)
 
 
-def resume(trainer: Trainer) -> str | None:
+def resume(trainer: TrainerParts) -> str | None:
     """Load the run's starting checkpoint into ``trainer`` and return its path (None for a
     fresh start). Collective under torchrun: every rank calls it."""
     ref = _own_checkpoint(trainer.config.train.checkpoint_dir)

@@ -31,13 +31,13 @@ from .._record import group_labels
 from ..config import ConfigError, TrainConfig, config_to_dict, parse_config
 from ..config.parsing import parse_override
 from . import _channel as channel
+from ._trainer_parts import TrainerParts
 from .distributed import collective_device, is_rank0
 from .edits import check_request, describe, effective_config, parse_request, resolve_cooldown
 from .rebuild import Cooldown, rebuild_run
 
 if TYPE_CHECKING:
     from ..integrations.tensorboard import ScheduleLogger
-    from .trainer import Trainer
 
 __all__ = ["STATUS_EVERY_S", "LiveControl"]
 
@@ -67,7 +67,7 @@ class LiveControl:
     """One trainer's live control. Every rank holds one; rank 0 alone touches files,
     and only with a ``train.log_dir``, between :meth:`start` and :meth:`close`."""
 
-    def __init__(self, trainer: Trainer) -> None:
+    def __init__(self, trainer: TrainerParts) -> None:
         self.trainer = trainer
         self.base = config_to_dict(trainer.config)
         """The config the run started with, as plain data: edits apply on top of it."""

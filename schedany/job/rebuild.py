@@ -14,7 +14,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 from torch.optim import Optimizer
@@ -27,10 +27,8 @@ from .._synchronous import SynchronousSchedule
 from .._targets import parse_target
 from ..config import Run, TrainConfig
 from ..curves import DecayShape
+from ._trainer_parts import TrainerParts
 from .build import build_controller, build_guard, build_run
-
-if TYPE_CHECKING:
-    from .trainer import Trainer
 
 __all__ = ["Cooldown", "advance", "build_with_cooldowns", "rebuild_at_step", "rebuild_run"]
 
@@ -175,7 +173,7 @@ def build_with_cooldowns(
 
 
 def rebuild_run(
-    trainer: Trainer, config: TrainConfig, cooldowns: Mapping[str, Cooldown] | None = None
+    trainer: TrainerParts, config: TrainConfig, cooldowns: Mapping[str, Cooldown] | None = None
 ) -> None:
     """Give ``trainer`` an optimizer, schedule, controller and guard built from ``config``
     (and ``cooldowns``) at its clock's reading and step, keeping the optimizer's, the
