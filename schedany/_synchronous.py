@@ -64,6 +64,10 @@ class SynchronousSchedule(LRScheduler):
         optimizer = real_optimizer(schedules[0]) if isinstance(schedules[0], LRScheduler) else None
         members: dict[str, LRScheduler] = {}
         targets: dict[str, Target] = {}
+        # (member, position of its unit in the clock's counts, every, closed form?) of
+        # the members that step without a metric, fixed here so step() only reads them.
+        stepped: list[tuple[LRScheduler, int, int, bool]] = []
+        plateau: list[ReduceLROnPlateau] = []
         for i, schedule in enumerate(schedules):
             if isinstance(schedule, SynchronousSchedule) or not isinstance(schedule, LRScheduler):
                 raise TypeError(
@@ -95,6 +99,11 @@ class SynchronousSchedule(LRScheduler):
                 )
             members[target.name] = schedule
             targets[target.name] = target
+            if isinstance(schedule, ReduceLROnPlateau):
+                plateau.append(schedule)
+            else:
+                closed_form = isinstance(schedule, LambdaLR)
+                stepped.append((schedule, UNITS.index(unit), every, closed_form))
         if clock is not None and not isinstance(clock, Clock):
             raise TypeError(f"SynchronousSchedule: clock must be a Clock, got {clock!r}")
         self.clock = clock
@@ -103,15 +112,8 @@ class SynchronousSchedule(LRScheduler):
         self._schedules = members
         self._targets = targets
         self._num_groups = len(optimizer.param_groups)
-        self._plateau = [s for s in members.values() if isinstance(s, ReduceLROnPlateau)]
-        # (member, position of its unit in the clock's counts, every, closed form?) of
-        # the members that step without a metric, fixed at build time so step() only
-        # reads them.
-        self._stepped = [
-            (s, UNITS.index(bound_unit(s)[0]), bound_unit(s)[1], isinstance(s, LambdaLR))
-            for s in members.values()
-            if not isinstance(s, ReduceLROnPlateau)
-        ]
+        self._plateau = plateau
+        self._stepped = stepped
         # The bound members' proxies: from here on the coordinator refreshes their views
         # before a step and writes their values to the optimizer after it, one pass each
         # (BoundOptimizer.defer_writes).

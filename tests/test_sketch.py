@@ -383,24 +383,23 @@ def refusals(rank: int) -> dict[str, str]:
 
 
 def divergence(rank: int) -> dict[str, str]:
+    def other_batch(ctl: GradientNormThreshold) -> None:
+        if rank == 1:  # resumed from another checkpoint
+            ctl.load_state_dict({**ctl.state_dict(), "optimizer_steps": 1})
+
+    def other_target(ctl: GradientNormThreshold) -> None:
+        ctl.optimizer.param_groups[0]["gradient_norm_threshold"] = 1.0 + rank
+
     out = {}
-    ctl = controller(DDP(make_model()))
-    if rank == 1:  # resumed from another checkpoint
-        ctl.load_state_dict({**ctl.state_dict(), "optimizer_steps": 1})
-    model = ctl.model
-    try:
-        with ctl.accumulate():
-            nn.functional.mse_loss(model(torch.ones(2, 32)), torch.ones(2, 1)).backward()
-    except RuntimeError as exc:
-        out["batch"] = str(exc)
-    ctl = controller(DDP(make_model()))
-    ctl.optimizer.param_groups[0]["gradient_norm_threshold"] = 1.0 + rank
-    model = ctl.model
-    try:
-        with ctl.accumulate():
-            nn.functional.mse_loss(model(torch.ones(2, 32)), torch.ones(2, 1)).backward()
-    except RuntimeError as exc:
-        out["target"] = str(exc)
+    for what, diverge in (("batch", other_batch), ("target", other_target)):
+        ctl = controller(DDP(make_model()))
+        diverge(ctl)
+        try:
+            with ctl.accumulate():
+                loss = nn.functional.mse_loss(ctl.model(torch.ones(2, 32)), torch.ones(2, 1))
+                loss.backward()
+        except RuntimeError as exc:
+            out[what] = str(exc)
     return out
 
 

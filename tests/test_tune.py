@@ -257,6 +257,17 @@ BAD_SWEEPS = [
 TOKENS = {"train.steps": None, "train.tokens": 1800, "train.axis": "tokens", "train.log_every": 360}
 WARMUP_GRID = {"schedules.lr.num_warmup_steps": {"grid": [1, 2]}}
 
+
+def token_lr(total: int) -> dict[str, Any]:
+    """The base lr curve counted in tokens: 180 tokens of warmup, ``total`` in all."""
+    return {
+        **BASE["schedules"]["lr"],
+        "unit": "tokens",
+        "num_warmup_steps": 180,
+        "num_training_steps": total,
+    }
+
+
 BAD_SWEEPS += [
     (
         {"search": WARMUP_GRID, "tune": {"scheduler": "asha", "time_attr": "clock/tokenz"}},
@@ -834,8 +845,7 @@ def test_asha_on_tokens_compares_trials_at_equal_tokens(workdir: Path, ray_head:
         "asha_tokens",
         set={
             **TOKENS,
-            "schedules.lr": {**BASE["schedules"]["lr"], "unit": "tokens"}
-            | {"num_warmup_steps": 180, "num_training_steps": 1800},
+            "schedules.lr": token_lr(1800),
         },
         search={"train.micro_batch_size": {"grid": [2, 8]}},
         tune={
@@ -887,8 +897,7 @@ def test_pbt_on_tokens_perturbs_at_equal_tokens(workdir: Path, ray_head: str) ->
         set={
             **TOKENS,
             "train.tokens": 1440,
-            "schedules.lr": {**BASE["schedules"]["lr"], "unit": "tokens"}
-            | {"num_warmup_steps": 180, "num_training_steps": 1440},
+            "schedules.lr": token_lr(1440),
         },
         search={"train.micro_batch_size": {"grid": [2, 8]}},
         tune={
