@@ -211,9 +211,9 @@ class BoundOptimizer(Optimizer):
         :attr:`stale`) and copies them to the optimizer after it (:func:`flush_views`):
         one pass over the groups instead of a Python call per access and per write.
 
-        A :class:`~schedany.SynchronousSchedule` calls it for each bound member. A member
-        stepped on its own afterwards writes nothing to the optimizer until its
-        coordinator's next step.
+        A :class:`~schedany.SynchronousSchedule` calls it for each bound member at its
+        first ``step()``. A member stepped on its own afterwards writes nothing to the
+        optimizer until its coordinator's next step.
         """
         if not self._deferred:
             self._deferred = True

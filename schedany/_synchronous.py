@@ -114,12 +114,13 @@ class SynchronousSchedule(LRScheduler):
         self._num_groups = len(optimizer.param_groups)
         self._plateau = plateau
         self._stepped = stepped
-        # The bound members' proxies: from here on the coordinator refreshes their views
-        # before a step and writes their values to the optimizer after it, one pass each
-        # (BoundOptimizer.defer_writes).
+        # The bound members' proxies. From the coordinator's first step() on, it refreshes
+        # their views before a step and writes their values to the optimizer after it, one
+        # pass each (BoundOptimizer.defer_writes). Not before: a coordinator built only to
+        # read members that something else steps (the HF Trainer, Lightning) must leave
+        # them writing through.
         self._proxies = [s.optimizer for s in members.values() if bound_target(s) is not None]
-        for proxy in self._proxies:
-            proxy.defer_writes()
+        self._writes_deferred = False
         self.last_epoch = 0
 
     @property
@@ -148,6 +149,10 @@ class SynchronousSchedule(LRScheduler):
                 f"schedule(s) {names}: call step(metric)"
             )
         proxies = self._proxies
+        if not self._writes_deferred:
+            for proxy in proxies:
+                proxy.defer_writes()
+            self._writes_deferred = True
         for proxy in proxies:
             if proxy.stale:  # the optimizer stepped or loaded since: re-read the targets
                 proxy.refresh()

@@ -161,6 +161,9 @@ def test_a_bound_weight_decay_scheduler_is_not_logged_as_the_learning_rate(
     assert [logs[s]["learning_rate"] for s in range(1, 5)] == [LR] * 4
     assert [logs[s]["schedule/weight_decay/pg0"] for s in range(1, 5)] == pytest.approx(decay)
     assert "schedule/lr/pg0" not in logs[1]
+    # The Trainer stepped the bound scheduler itself: its values reached the optimizer
+    # (the callback's reading of it must not take its writes over).
+    assert opt.param_groups[0]["weight_decay"] == pytest.approx(0.4 * 0.5**4)
 
 
 def test_the_trainers_own_scheduler_logs_as_lr(tmp_path: Path) -> None:

@@ -109,6 +109,24 @@ def test_metric_goes_only_to_plateau_members():
         schedule.step()
 
 
+def test_a_coordinator_that_only_reads_leaves_its_members_writing():
+    """Built to read a member that something else steps (the HF Trainer, Lightning), the
+    coordinator must not take the member's writes over before its own first step."""
+    optimizer = make_optimizer()
+    bound = schedany.arbitrary_schedule_factory(
+        optimizer, lambda o: lrs.StepLR(o, step_size=1, gamma=0.5), schedule_target="weight_decay"
+    )
+    reader = schedany.SynchronousSchedule([bound])
+    start = [g["weight_decay"] for g in optimizer.param_groups]
+    for _ in range(3):
+        train_step(optimizer)
+        bound.step()
+    assert reader.get_last_schedule("weight_decay") == pytest.approx([w / 8 for w in start])
+    assert [g["weight_decay"] for g in optimizer.param_groups] == pytest.approx(
+        [w / 8 for w in start]
+    )
+
+
 def test_duplicate_names_rejected():
     optimizer = make_optimizer()
     a = schedany.constant_schedule(optimizer, 1.0, schedule_target="weight_decay")
