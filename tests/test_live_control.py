@@ -296,14 +296,21 @@ def test_resumed_runs_equal_the_edited_run(edited, tmp_path):
         for key in a:
             scale = a[key].abs().max().clamp_min(1e-12)
             assert ((a[key] - b[key]).abs().max() / scale).item() <= 1e-6, key
-    # and the same command resumes the stopped run, its edits in force
+    # and the same command resumes the stopped run, its edits in force; it then runs to
+    # a budget set live, and resumed once more it keeps that budget: nothing is left.
     proc = start(run)
     wait_for("steps after the stop", lambda: step_of(run) >= k_end + 3, proc)
-    send(run, proc, "stop")
+    budget = step_of(run) + 40
+    send(run, proc, "set", f"train.steps={budget}")
     assert exit_code(proc) == 0
     assert f"resumed from {run / 'ckpt' / f'step_{k_end:08d}'}" in (run / "out.txt").read_text()
     after = [r for r in records(run) if r["step"] > k_end]
     assert after and all(r["schedule"]["lr"] == [pytest.approx(1e-5)] * 2 for r in after)
+    done = records(run)
+    assert done[-1]["step"] == budget
+    assert exit_code(start(run)) == 0
+    assert f"resumed from {run / 'ckpt' / f'step_{budget:08d}'}" in (run / "out.txt").read_text()
+    assert records(run) == done
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from _job_runs import GNTS, TINY
+from _job_runs import GNTS, TINY, sets
 
 from schedany import Clock, SynchronousSchedule
 from schedany.config import ConfigError, config_to_dict, load_config
@@ -196,3 +196,27 @@ def test_a_gone_listener_is_not_listening(tmp_path: Path, config_data: dict) -> 
     with pytest.raises(NotListening, match=r"\(pid \d+\) is gone"):
         control_command(str(run), edit("stop"))
     assert os.listdir(run / "control" / "queue") == []
+
+
+def test_a_second_run_in_a_live_runs_log_dir_is_refused_and_changes_nothing(
+    tmp_path: Path, config_data: dict
+) -> None:
+    """Refused before it opens a file there: the live run's metrics and config stay."""
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        run = fake_run(tmp_path, config_data, other.pid)
+        (run / "metrics.jsonl").write_text('{"step": 1}\n')
+        before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+        done = subprocess.run(
+            [sys.executable, "-m", "schedany", "train", GNTS, *sets(TINY)]
+            + sets([f"train.log_dir={run}", "train.checkpoint_dir=null"]),
+            text=True,
+            capture_output=True,
+            timeout=120,
+        )
+    finally:
+        other.kill()
+        other.wait()
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"another run (pid {other.pid}" in done.stderr
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

@@ -138,9 +138,6 @@ class MetricsFile:
         self._file.write(json.dumps(line) + "\n")
         self._file.flush()  # whole lines on disk as they come: a reader can follow the run
 
-    def flush(self) -> None:
-        self._file.flush()
-
     def close(self) -> None:
         self._file.close()
 
@@ -151,17 +148,14 @@ def open_logs(
     resumed_from: int | None,
     purge_step: int | None,
 ) -> tuple[MetricsFile, ScheduleLogger]:
-    """Rank 0's files in ``train.log_dir``: ``metrics.jsonl`` (cut back to ``resumed_from``),
-    ``config.yaml`` (the resolved config) and the TensorBoard events (events from
-    ``purge_step`` on, written before a crash, are purged)."""
-    import yaml
-
-    from ..config import config_to_dict
+    """Rank 0's files in ``train.log_dir``: ``metrics.jsonl`` (cut back to ``resumed_from``)
+    and the TensorBoard events (events from ``purge_step`` on, written before a crash,
+    are purged). ``config.yaml`` is live control's (:meth:`~schedany.job.live.LiveControl.
+    start`)."""
     from ..integrations.tensorboard import ScheduleLogger
 
     assert config.train.log_dir is not None
     log_dir = Path(config.train.log_dir)
     metrics_file = MetricsFile(log_dir / "metrics.jsonl", resumed_from)
-    (log_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
     logger = ScheduleLogger(schedule, log_dir=str(log_dir), purge_step=purge_step)
     return metrics_file, logger

@@ -84,7 +84,8 @@ class LiveControl:
         self._run_dir: Path | None = None
         self._queue: Path | None = None
         self._journal: Any = None
-        self._logger: ScheduleLogger | None = None
+        self.logger: ScheduleLogger | None = None
+        """Where applied edits also go, as TensorBoard text (set by the trainer)."""
         self._taken: dict[int, str] = {}
         self._next_status = 0.0
 
@@ -115,7 +116,7 @@ class LiveControl:
 
     # --- rank 0's files ---------------------------------------------------------------
 
-    def start(self, logger: ScheduleLogger | None = None) -> None:
+    def start(self) -> None:
         """Start listening (rank 0 with a ``train.log_dir``): write ``config.yaml``, the
         journal of the edits so far, the listener and a first status."""
         log_dir = self.trainer.config.train.log_dir
@@ -140,7 +141,7 @@ class LiveControl:
         for record in [*self.applied, *self.replay]:  # the replayed ones stay on record
             self._journal.write(json.dumps(record) + "\n")
         self._journal.flush()
-        self._run_dir, self._queue, self._logger = run_dir, channel.queue_dir(run_dir), logger
+        self._run_dir, self._queue = run_dir, channel.queue_dir(run_dir)
         done = [e for e in channel.numbered(self._queue) if e[1] == "done"]
         for _, _, name in done[:-1]:  # the newest keeps the numbering going
             (self._queue / name).unlink(missing_ok=True)
@@ -191,7 +192,7 @@ class LiveControl:
             self.write_status(state)
         channel.listener_file(self._run_dir).unlink(missing_ok=True)
         self._journal.close()
-        self._run_dir = self._queue = self._journal = self._logger = None
+        self._run_dir = self._queue = self._journal = self.logger = None
 
     # --- every optimizer step ---------------------------------------------------------
 
@@ -299,8 +300,8 @@ class LiveControl:
             os.fsync(self._journal.fileno())
         t = self.trainer
         text = f"{describe(record)} (after step {record['step']})"
-        if self._logger is not None:
-            self._logger.log_text(
+        if self.logger is not None:
+            self.logger.log_text(
                 t.clock.read(t.config.train.axis), EDITS_TAG, f"{text}\n\n    {line}"
             )
         print(f"schedany control: applied {text}", file=sys.stderr, flush=True)

@@ -251,8 +251,8 @@ class Trainer:
     # --- the whole run ----------------------------------------------------------------
 
     def run(self) -> TrainResult:
-        cfg = self.config.train
         resumed = self.resume()
+        cfg = self.config.train  # after resume(): the checkpoint's edits may set the budget
         resumed_from = self.step if resumed else None
         rank0 = is_rank0()
         from ._console import Console, headline_values, open_logs
@@ -262,13 +262,16 @@ class Trainer:
         total = budget if unit == "steps" else None  # the bar counts steps
         console = Console(cfg.progress, total, self.step, rank0)
         metrics_file = logger = None
-        if rank0 and cfg.log_dir is not None:
-            purge = None if resumed_from is None else self.clock.read(cfg.axis) + 1
-            metrics_file, logger = open_logs(self.config, self.schedule, resumed_from, purge)
         train_loss = eval_loss = None
         last_checkpoint = resumed
         try:
-            self.live.start(logger)  # config.yaml, edits.jsonl; `schedany control` may talk
+            # config.yaml, edits.jsonl; `schedany control` may talk. First: it refuses a
+            # log_dir that another run is writing to, before this one opens any file there.
+            self.live.start()
+            if rank0 and cfg.log_dir is not None:
+                purge = None if resumed_from is None else self.clock.read(cfg.axis) + 1
+                metrics_file, logger = open_logs(self.config, self.schedule, resumed_from, purge)
+                self.live.logger = logger  # edits are logged as TensorBoard text too
             if resumed_from is None:
                 eval_loss = self.evaluate()
                 console.print(f"step 0/{total or '?'}  eval/loss {eval_loss:.4f}")
@@ -307,9 +310,7 @@ class Trainer:
                 if cfg.checkpoint_dir is not None and (
                     last or stop or preempt or _crossed(before, x, cfg.checkpoint_every)
                 ):
-                    if metrics_file is not None:
-                        metrics_file.flush()
-                    if logger is not None:
+                    if logger is not None:  # metrics.jsonl is flushed line by line
                         logger.flush()
                     saved = last_checkpoint = self.save_checkpoint()
                 if losses and self.report is not None and rank0:
