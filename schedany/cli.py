@@ -14,9 +14,10 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, get_args
 
 from ._clock import UNITS
+from .curves import DecayShape
 
 __all__ = ["build_parser", "main"]
 
@@ -128,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="V",
         help="the value to end at (default: the schedule's anneal_to_value)",
     )
-    a.add_argument("--shape", choices=("linear", "cosine", "sqrt"), default="linear")
+    a.add_argument("--shape", choices=get_args(DecayShape), default="linear")
     actions.add_parser("stop", help="checkpoint, then exit 0 (the same train command resumes)")
     p.set_defaults(func=_control)
 

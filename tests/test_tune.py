@@ -37,14 +37,13 @@ from schedany.curves import warmup_anneal_curve  # noqa: E402
 from schedany.integrations._sweep import load_sweep  # noqa: E402
 from schedany.integrations._tune_space import (  # noqa: E402
     LegalExplore,
-    advance,
     parse_distribution,
     parse_search,
-    rebuild_at_step,
     resolve_trial_config,
 )
 from schedany.integrations.ray_tune import ClusterError, parse_address, ray_session  # noqa: E402
 from schedany.job.build import build_run  # noqa: E402
+from schedany.job.rebuild import advance, rebuild_at_step  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LR = 1.0e-2

@@ -203,19 +203,18 @@ class SketchedNorm:
     ``‖(1/W) Σ_r L_r‖²``, the squared norm of what DDP's all-reduce would leave.
     """
 
-    def __init__(self, model: nn.Module, size: int, seed: int) -> None:
-        self.model = model
+    def __init__(self, model: nn.Module, size: int) -> None:
         self.size = size
-        self.seed = seed
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._numels = [p.numel() for p in self._params]
 
     def exchange(
-        self, dp: DataParallelGroup, header: Header, items: int, where: str, key: str
+        self, dp: DataParallelGroup, header: Header, items: int, where: str, key: str, seed: int
     ) -> tuple[int, float]:
-        """Items summed over ranks and the estimated global ``‖S‖²``, in one all-reduce."""
+        """Items summed over ranks and the estimated global ``‖S‖²``, in one all-reduce;
+        ``seed`` is the controller's, the micro-step's hashes are drawn from it."""
         grads = [p.grad for p in self._params]
-        seed = stream_seed(self.seed, header.logical_batch, header.micro_step)
+        seed = stream_seed(seed, header.logical_batch, header.micro_step)
         sketch = count_sketch(grads, self._numels, self.size, seed)
         total, summed = dp.all_reduce_sum(header, items, sketch, where, key)
         squares = float(summed.to(torch.float64).square().sum())

@@ -127,7 +127,7 @@ class GradientNormThreshold(AccumulationController):
             noise_scale=noise_scale,
             noise_scale_ema=noise_scale_ema,
         )
-        if norm == "sketch":
+        if norm == "sketch" and self._distributed:  # one rank decides exactly, as "exact"
             check_sketchable(model, self._sync.kind, self.name)
         self.max_accumulation_steps = max_accumulation_steps
         self.norm: Norm = norm
@@ -136,7 +136,7 @@ class GradientNormThreshold(AccumulationController):
         # One process already holds the global gradient: nothing to sketch, exact is free.
         self._sketch: SketchedNorm | None = None
         if norm == "sketch" and self._sync.kind == "ddp" and self._distributed:
-            self._sketch = SketchedNorm(model, self.sketch_size, int(sketch_seed))
+            self._sketch = SketchedNorm(model, self.sketch_size)
             self._deferred_sync = True
         self._sketch_seed = int(sketch_seed)
 
@@ -169,13 +169,13 @@ class GradientNormThreshold(AccumulationController):
         super().load_state_dict(state)
         if seed is not None:
             self._sketch_seed = seed
-            if self._sketch is not None:
-                self._sketch.seed = seed
 
     def _exchange(self, header: Header, items: int) -> tuple[int, float]:
         if self._sketch is None:
             return super()._exchange(header, items)
-        return self._sketch.exchange(self._dp, header, items, self._where, self.key)
+        return self._sketch.exchange(
+            self._dp, header, items, self._where, self.key, self._sketch_seed
+        )
 
     def _decide(self, tally: Tally) -> Decision:
         self._grad_norm = tally.grad_norm  # inf or nan if not finite: the base drops it

@@ -1,7 +1,7 @@
 """The search space of a sweep (docs/tuning.md, "The sweep file"): its distributions,
 one point of it written into a train config, and PBT's explore step,
 :class:`LegalExplore`, which picks a legal explored config. A donor's checkpoint is
-restored into it by :func:`~schedany.job.rebuild.rebuild_at_step` (re-exported here), the
+restored into it by :func:`~schedany.job.rebuild.rebuild_at_step`, the
 mechanism that ``schedany train --from`` and live edits use too.
 
 A ``search`` block maps a dotted config path to one distribution::
@@ -24,7 +24,6 @@ from typing import Any, Literal, get_args
 
 from ..config import ConfigError, TrainConfig, parse_config
 from ..errors import is_integer, is_real
-from ..job.rebuild import advance, rebuild_at_step  # noqa: F401 - PBT's restore, re-exported
 
 logger = logging.getLogger(__name__)
 

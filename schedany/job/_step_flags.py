@@ -47,10 +47,6 @@ class StepFlags:
         """Withdraw this rank's request (its owner has acted on it)."""
         self._raised[name] = False
 
-    def is_raised(self, name: str) -> bool:
-        """Whether this rank has raised ``name`` (no communication)."""
-        return self._raised[name]
-
     def agree(self, sums: Sequence[int] = ()) -> Agreement:
         """The flags raised on any rank, and ``sums`` summed over all ranks. Every rank
         must call it at the same point of the same optimizer step, with as many sums

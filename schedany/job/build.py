@@ -58,6 +58,8 @@ def build_controller(config: TrainConfig, model: nn.Module, optimizer: Optimizer
     if control.kind == "logical_batch":
         micro = config.train.micro_batch_size if control.items == "samples" else None
         return LogicalBatchSize(model, optimizer, key=key, micro_batch_size=micro, **noise)
+    # Unset in the config: the controller's own default.
+    sketch = {} if control.sketch_size is None else {"sketch_size": control.sketch_size}
     try:
         return GradientNormThreshold(
             model,
@@ -65,8 +67,8 @@ def build_controller(config: TrainConfig, model: nn.Module, optimizer: Optimizer
             key=key,
             max_accumulation_steps=control.max_accumulation_steps,
             norm=control.norm,
-            sketch_size=control.sketch_size or 65536,
             sketch_seed=config.seed,  # a run's seed fixes its sketches too
+            **sketch,
             **noise,
         )
     except ArgumentError as error:

@@ -16,12 +16,12 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from .._clock import Clock
 from ..config import ConfigError, TrainConfig, build_run, parse_config
 from ..config.parsing import apply_overrides, check_int, check_number, parse_override, show
-from ..curves import BUILTIN_CURVES
+from ..curves import BUILTIN_CURVES, DecayShape
 from .rebuild import Cooldown
 
 __all__ = [
@@ -39,7 +39,7 @@ FORMAT = "schedany-edit/1"
 """The ``format`` field of every queued request."""
 BUDGET_PATHS = ("train.steps", "train.samples", "train.tokens")
 """The train budget: with ``schedules.<key>...``, all that ``set`` may change."""
-SHAPES = ("linear", "cosine", "sqrt")
+SHAPES: tuple[str, ...] = get_args(DecayShape)
 _MAX_SETS = 64
 
 Command = Literal["set", "cooldown", "stop"]
