@@ -169,9 +169,10 @@ class NoiseScale:
         return tally.items if per_item else self.world * tally.micro_steps
 
     def _sum_of_squares(self, tally: Tally) -> float:
-        """``‖.grad‖²``, global: from the controller's own measurement when it takes one,
-        else computed here (replicated or local gradients only: see ``__init__``)."""
-        if self._measured:
+        """``‖.grad‖²``, global: from the controller's own measurement when it takes one
+        (or made one for this close), else computed here (replicated or local gradients
+        only: see ``__init__``)."""
+        if self._measured or not math.isnan(tally.sum_of_squares):
             return tally.sum_of_squares
         sharded, replicated = squared_norms(self.model, False)
         return float(sharded + replicated)

@@ -309,8 +309,7 @@ class AccumulationController:
             )
             summed, sum_of_squares = self._exchange(header, items or 0)
         elif self.measures_gradients:
-            shares = squared_norms(self.model, self._plain_grads_sharded)
-            sum_of_squares = float(shares[0] + shares[1])  # one host sync
+            sum_of_squares = self._local_sum_of_squares()
         micro_steps = self._micro_steps + 1
         if self._mode == "num_items":
             total = self._items + summed
@@ -319,6 +318,11 @@ class AccumulationController:
             total = self._items + self._micro_batch_items()
             divisor = float(micro_steps)
         return Tally(micro_steps, total, self._target, divisor, sum_of_squares)
+
+    def _local_sum_of_squares(self) -> float:
+        """``‖.grad‖²`` from this rank's gradients alone (one pass, one host sync)."""
+        shares = squared_norms(self.model, self._plain_grads_sharded)
+        return float(shares[0] + shares[1])
 
     def _exchange(self, header: Header, items: int) -> tuple[int, float]:
         """Items summed over ranks and the global ``‖S‖²`` (nan unless measured), in one
@@ -353,8 +357,17 @@ class AccumulationController:
             if self._deferred_sync:
                 self._sync.reduce_accumulated()  # the batch's one gradient all-reduce
             grads = local_grads(self.model)
+            if self._noise is not None and not self.measures_gradients:
+                # The noise scale needs ‖.grad‖² now (plain or DDP: synced, the same on
+                # every rank); one pass serves it and the finite check, as a finite norm
+                # proves finite gradients.
+                tally = tally._replace(sum_of_squares=self._local_sum_of_squares())
             # A decision taken before the backward never saw the gradients: check them now.
-            if self.measures_gradients or self._agree_finite(grads):
+            if (
+                self.measures_gradients
+                or math.isfinite(tally.sum_of_squares)
+                or self._agree_finite(grads)
+            ):
                 if self._noise is not None:  # before the sum becomes the mean
                     self._noise.close(tally, self._mode == "num_items", self._unit_items())
                 divide_(grads, tally.mean_divisor)
