@@ -777,8 +777,10 @@ def test_pbt_exploit_rebuilds_the_schedule(workdir: Path, ray_head: str) -> None
     experiment = workdir / "runs" / "pbt"
     rows = trial_rows(experiment)
     assert len(rows) == 2
-    for trial in rows.values():  # every report follows the config the trial had then
-        assert trial and trial[-1]["global_step"] == 15
+    for name, trial in rows.items():  # every report follows the config the trial had then
+        # Run to the end, by the job's own records (Ray's result.json of a paused and
+        # resumed trial can lose rows after its last sync; see the PBT-on-tokens test).
+        assert trial and max(step_records(experiment / name)) == 15
         for r in trial:
             expected = threshold_curve(r["config"][path_key])(r["global_step"] - 1)
             assert r["schedule/gradient_norm_threshold/pg0"] == pytest.approx(expected, rel=1e-12)
@@ -794,7 +796,6 @@ def test_pbt_exploit_rebuilds_the_schedule(workdir: Path, ray_head: str) -> None
     assert new in (pytest.approx(donor_value * 1.2), pytest.approx(donor_value * 0.8))
     (name,) = [n for n in rows if f"_{target_tag}_" in n]
     old = 40.0 if "40.0000" in target_tag else 2.0
-    assert rows[name][-1]["config"][path_key] == pytest.approx(new)
     # The job's per-step record of the exploited trial: its own steps up to the
     # restore, then the donor's counter going on, on the explored curve from t = 10.
     records = step_records(experiment / name)
@@ -933,18 +934,19 @@ def test_pbt_on_tokens_perturbs_at_equal_tokens(workdir: Path, ray_head: str) ->
     target_tag, donor_tag = exploits[0][:2]
     (target,) = [n for n in rows if f"_{target_tag}_" in n]
     (donor,) = [n for n in rows if f"_{donor_tag}_" in n]
-    donor_batch, donor_clock = batch[donor], at_720[donor]
-    assert [r["report/tokens"] for r in rows[donor]] == [360, 720, 1080, 1440]
+    donor_batch, restored = batch[donor], at_720[donor]["global_step"]
+    # What each trial ran after the perturbation is read from the job's own per-step
+    # records: Ray's result.json of a paused and resumed trial can lose the rows after
+    # its last sync to the experiment folder (progress.csv kept them in one such run).
+    donor_records = step_records(experiment / donor)
+    assert max(r["clock"]["tokens"] for r in donor_records.values()) >= 1440  # its budget
     # After the restore the target runs the donor's batch size from the donor's clock.
-    after = rows[target][2:]
-    assert after, "the exploited trial reported nothing after the restore"
-    assert all(r["config"]["train.micro_batch_size"] == donor_batch for r in after)
-    assert all(r["clock/samples"] == donor_batch * r["clock/steps"] for r in after)
-    assert after[0]["clock/steps"] > donor_clock["clock/steps"]
     records = step_records(experiment / target)
-    assert records[donor_clock["global_step"] + 1]["clock"]["steps"] == (
-        donor_clock["global_step"] + 1
-    )
+    after = [records[s] for s in sorted(records) if s > restored]
+    assert after, "the exploited trial ran nothing after the restore"
+    assert all(r["clock"]["samples"] == donor_batch * r["clock"]["steps"] for r in after)
+    assert max(r["clock"]["tokens"] for r in after) >= 1440
+    assert records[restored + 1]["clock"]["steps"] == restored + 1
 
 
 @pytest.mark.slow
